@@ -1,0 +1,57 @@
+"""Open the source a command asked for; `auto` takes the best one this host offers and says why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import capabilities, exitcodes
+from ..paths import Roots
+from .base import Source, SourceUnavailable
+
+SOURCE_NAMES = ("auto", "pone", "ksm", "emulate", "replay")
+
+
+@dataclass
+class SourceOptions:
+    source: str = "auto"
+    log: Path | None = None  # replay
+    scenario: str = "demo"  # emulate
+    seed: int = 1
+    speed: float | None = None  # None: as fast as possible
+    dialect: str | None = None  # emulate: override the scenario's pone dialect
+    emulated_sysfs: Path | None = None  # emulate: where to write the emulated sysfs tree
+
+
+def open_source(opts: SourceOptions, roots: Roots, warn=None) -> tuple[Source, str]:
+    """The source, and one line saying which it is and why it was picked."""
+    name = opts.source
+    if name == "auto":
+        if opts.log is not None:
+            return _open("replay", opts, roots, warn), f"source: replay of {opts.log} (--log given)"
+        unavailable = []
+        for check in capabilities.source_checks(roots):
+            if check.name == "replay":
+                continue
+            if check.ok:
+                why = "; ".join(unavailable)
+                return (_open(check.name, opts, roots, warn),
+                        f"source: {check.name}" + (f" (no live source here: {why})" if why else ""))
+            unavailable.append(f"{check.name}: {check.detail}")
+    return _open(name, opts, roots, warn), f"source: {name}"
+
+
+def _open(name: str, opts: SourceOptions, roots: Roots, warn) -> Source:
+    if name == "replay":
+        if opts.log is None:
+            raise SourceUnavailable("--source replay needs --log FILE", exitcodes.USAGE)
+        from .replay import ReplaySource
+        return ReplaySource(opts.log, opts.speed, warn)
+    if name == "emulate":
+        from ..emulator.scenario import load_scenario
+        from .emulate import EmulateSource
+        return EmulateSource(load_scenario(opts.scenario), seed=opts.seed, speed=opts.speed,
+                             dialect=opts.dialect, sysfs_root=opts.emulated_sysfs)
+    check = {"pone": capabilities.pone_source, "ksm": capabilities.ksm_source}[name](roots)
+    raise SourceUnavailable(f"{name} source unavailable: {check.detail}"
+                            + (f"; {check.fix}" if check.fix else ""), exitcodes.MISSING_FEATURE)

@@ -1,0 +1,35 @@
+# Shared set-up for scripts/run.sh and scripts/test.sh (sourced, not run): idempotent.
+# Makes .venv with the project installed; as root on Debian, installs the apt packages it needs.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+say() { echo "setup: $*" >&2; }
+
+apt_install() {  # apt_install PKG... : only what is missing, only as root on a Debian-like host
+    local missing=()
+    for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        say "not root (or no apt-get): skipping the install of ${missing[*]}"
+        return 1
+    fi
+    say "installing ${missing[*]}"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { say "$PY is older than 3.11: set PYTHON=/path/to/python3.11"; exit 5; }
+if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3-venv || { say "$PY cannot make a venv: install python3-venv"; exit 5; }
+fi
+
+stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
+if [ ! -e "$stamp" ]; then
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    say "installing dynvm-trace and its test tools into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+    rm -f "$VENV"/.installed-* && touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
