@@ -7,6 +7,7 @@ with DYNVM_REQUIRE_LIVE=1 (CI) such a skip is turned into a failure.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,9 @@ def write_tree(root: Path, files: dict[str, str | bytes]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content.encode() if isinstance(content, str) else content)
     return root
+
+
+@pytest.fixture
+def make_tree(tmp_path: Path) -> Callable[[dict[str, str | bytes]], Path]:
+    """make_tree({"kernel/mm/pone/pone_run": "1"}) -> tmp_path holding those files."""
+    return lambda files: write_tree(tmp_path, files)
