@@ -28,7 +28,6 @@ for command in (inspect_cmds.doctor, inspect_cmds.status, inspect_cmds.knobs, st
 
 def _user_error_codes() -> dict[type, int]:
     from dynvm_trace.emulator.scenario import ScenarioError
-    from dynvm_trace.knobs import KnobError
     return {LogFormatError: exitcodes.BAD_INPUT, ScenarioError: exitcodes.BAD_INPUT,
             PermissionError: exitcodes.NOT_PERMITTED}
 

@@ -31,17 +31,27 @@ def summarize(log: Log | tuple[dict[str, Any], Iterable[list[Record]]],
         reader_warnings: list[str] = []
     else:
         header, batches, reader_warnings = log.header, log.batches(), log.warnings
-    warnings = []
+    agg = aggregates_for(header, interval_ns)
+    agg.feed_all(batches)
+    return summary_of(header, agg, reader_warnings)
+
+
+def aggregates_for(header: dict[str, Any], interval_ns: int = 1_000_000_000) -> Aggregates:
+    """Aggregates for the stream a header describes (its page size, else this host's)."""
+    size = header.get("page_size")
+    return Aggregates(size if isinstance(size, int) and size > 0 else host_page_size(), interval_ns)
+
+
+def summary_of(header: dict[str, Any], agg: Aggregates, reader_warnings: list[str] = ()) -> dict[str, Any]:
+    """The summary of what `agg` has been fed: the same for a log and for a live run."""
+    warnings = list(reader_warnings)
     size = header.get("page_size")
     if not isinstance(size, int) or size <= 0:
-        size = host_page_size()
-        warnings.append(f"the header gives no page size; using this host's ({size} bytes)")
-    agg = Aggregates(size, interval_ns)
-    agg.feed_all(batches)
+        warnings.append(f"the header gives no page size; using this host's ({agg.page_size} bytes)")
     snap = agg.snapshot()
-    warnings = list(reader_warnings) + warnings + _warnings(snap)
+    warnings += _warnings(snap)
     return {
-        "header": {k: header.get(k) for k in HEADER_FIELDS} | {"page_size": size},
+        "header": {k: header.get(k) for k in HEADER_FIELDS} | {"page_size": agg.page_size},
         "span": snap["span"],
         "totals": snap["totals"],
         "vms": snap["vms"],
