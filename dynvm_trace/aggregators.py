@@ -30,7 +30,7 @@ DEFAULT_STATUS = "released"
 HOST = "host"  # the per-VM key of records that name neither a VM nor a pid
 
 # Kinds whose records Totals must read beyond their kind.
-_TOTALS_DETAIL = frozenset(RECLAIM_KINDS + ("lost",))
+_TOTALS_DETAIL = frozenset(RECLAIM_KINDS + ("lost", "vm_exit"))
 
 
 def owner_label(key: str | int) -> str:
@@ -45,6 +45,7 @@ class Totals:
         self.pages: dict[str, int] = dict.fromkeys(RECLAIM_KINDS, 0)
         self.release: dict[str, int] = dict.fromkeys(RELEASE_STATUSES, 0)
         self.lost = 0
+        self.released_at_exit = 0  # released pages a VM still had when it exited
 
     def feed(self, records: list[Record]) -> None:
         kinds = list(map(kind_of, records))
@@ -55,6 +56,9 @@ class Totals:
             if k == "lost":
                 self.lost += r["count"]
                 continue
+            if k == "vm_exit":
+                self.released_at_exit += r.get("released", 0)
+                continue
             n = r["pages"]
             pages[k] += n
             if k == "reclaim_release":
@@ -63,7 +67,8 @@ class Totals:
 
     def snapshot(self) -> dict[str, Any]:
         return {"events": dict(sorted(self.events.items())), "pages": dict(self.pages),
-                "release": dict(self.release), "lost": self.lost}
+                "release": dict(self.release), "released_at_exit": self.released_at_exit,
+                "lost": self.lost}
 
 
 # Per-VM columns, in table order: the first four count events, the last two sum pages.

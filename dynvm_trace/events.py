@@ -44,9 +44,10 @@ KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     # a scan cycle of the merge daemon; merge_scan says whether it ran the merge pass
     "scan_start": {"seq": int, "merge_scan": bool},
     "scan_end": {"seq": int, "merge_scan": bool, "pages_scanned": int},
-    # a VM (qemu process) appeared or went away; pages is its guest RAM size
+    # a VM (qemu process) appeared, with pages of guest RAM, or went away; released: the
+    # released (reclaimed) pages it still had, which the kernel stops counting at exit
     "vm_start": {"pages": int},
-    "vm_exit": {},
+    "vm_exit": {"released": int},
     # a snapshot of a group of kernel counters (group: pone_info, pone_abstract, ksm, vmstat,
     # ksm_stat); values maps the kernel's own labels to numbers
     "counters": {"group": str, "values": dict},

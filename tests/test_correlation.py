@@ -172,3 +172,18 @@ def test_ksm_breaks_counted_a_scan_later_differ_then_catch_up():
 def test_rule_table_names_are_unique_and_groups_known():
     assert len({r.name for r in RULES}) == len(RULES)
     assert {r.group for r in RULES} == {"pone_info", "pone_abstract", "ksm", "vmstat"}
+
+
+def test_released_pages_given_up_at_vm_exit_are_not_a_difference():
+    def recycle(ts: int, n: int) -> dict:
+        return event("counters", ts, "t", group="pone_info", values={"page recycle count": n})
+    records = [recycle(0, 0),
+               event("reclaim_release", 1, "t", pid=1, pages=257),
+               event("reclaim_refault", 2, "t", pid=1, pages=127),
+               recycle(10, 130),
+               event("vm_exit", 11, "t", pid=1, released=130),
+               recycle(20, 0)]
+    c = run(records)
+    assert rule(c, "released in place")["verdict"] == "agrees"
+    without_field = run([dict(r) for r in records[:4]] + [event("vm_exit", 11, "t", pid=1), records[5]])
+    assert rule(without_field, "released in place")["verdict"] == "differs"
