@@ -60,15 +60,33 @@ def _screen(agg: Aggregates, why: str, now: int | None) -> Group:
     return Group(Text(_status_line(agg, why, now)), _rates_table(agg), Text(""), _vm_table(agg))
 
 
-def _plain_line(agg: Aggregates, now: int) -> str:
-    """One line an interval for a terminal-less run (a pipe, a log file, CI)."""
-    last = agg.interval() or {"events_per_s": {}}
+def _plain_line(agg: Aggregates) -> str | None:
+    """One line per completed interval, for a run without a terminal (a pipe, a file, CI);
+    None while the interval has not completed (a big scan arrives in several batches)."""
+    last = agg.interval()
+    if last is None:
+        return None
     totals = agg.totals.snapshot()["events"]
-    rates = " ".join(f"{k} {last['events_per_s'].get(k, 0):,.0f}/s" for k in RATE_KINDS
-                     if totals.get(k))
-    secs = (now - agg.first_ts) / NS if agg.first_ts is not None else 0.0
-    return (f"{secs:9.1f} s  {rates or 'no events yet'} | merges {totals.get('merge', 0):,} "
-            f"cow {totals.get('cow_break', 0):,} | counters vs events: {agg.correlation.verdict}")
+    per_s = last["pages_per_s"]  # pages: one per merge-kind event, `pages` of reclaim events
+    rates = " ".join(f"{k} {per_s[k]:,.0f}" + (" pages/s" if k in RECLAIM_KINDS else "/s")
+                     for k in RATE_KINDS if per_s.get(k))
+    end = (last["end_ns"] - agg.first_ts) / NS
+    return (f"{end:9.1f} s  {rates or 'no merge or reclaim events'} | merges "
+            f"{totals.get('merge', 0):,} cow {totals.get('cow_break', 0):,} | "
+            f"counters vs events: {agg.correlation.verdict}")
+
+
+class PlainLines:
+    """Prints _plain_line once per completed interval."""
+
+    def __init__(self, env: Environment, agg: Aggregates):
+        self.env, self.agg, self.shown = env, agg, None
+
+    def __call__(self, batch: Batch) -> None:
+        last = self.agg.interval()
+        if last is not None and last["index"] != self.shown:
+            self.shown = last["index"]
+            self.env.out(_plain_line(self.agg))
 
 
 @click.command()
@@ -105,8 +123,7 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
                         live.update(_screen(agg, short_why, batch.now), refresh=True)
                     drive(source, int(interval * NS), _ns(duration), [feed, show])
             else:
-                drive(source, int(interval * NS), _ns(duration),
-                      [feed, lambda batch: env.out(_plain_line(agg, batch.now))])
+                drive(source, int(interval * NS), _ns(duration), [feed, PlainLines(env, agg)])
     finally:
         source.close()
         if writer:
