@@ -27,10 +27,19 @@ NS = 1_000_000_000
 RATE_KINDS = MERGE_KINDS + RECLAIM_KINDS
 
 
+def _table(first: str, *numeric: str) -> Table:
+    """A borderless table: the first column text, the others numbers (right-aligned)."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column(first)
+    for name in numeric:
+        table.add_column(name, justify="right")
+    return table
+
+
 def _rates_table(agg: Aggregates) -> Table:
     last = agg.interval() or {"events_per_s": {}, "pages_per_s": {}}
     totals = agg.totals.snapshot()
-    table = Table("event", "events/s", "pages/s", "total events", "total pages", box=None, pad_edge=False)
+    table = _table("event", "events/s", "pages/s", "total events", "total pages")
     for kind in RATE_KINDS:
         pages = totals["pages"].get(kind)
         table.add_row(kind, f"{last['events_per_s'].get(kind, 0):,.1f}",
@@ -40,8 +49,8 @@ def _rates_table(agg: Aggregates) -> Table:
 
 
 def _vm_table(agg: Aggregates, limit: int = 20) -> Table:
-    table = Table("vm", "merges", "cow breaks", "shared now", "saved", "released", "refaulted",
-                  "reclaimed", box=None, pad_edge=False)
+    table = _table("vm", "merges", "cow breaks", "shared now", "saved", "released", "refaulted",
+                   "reclaimed")
     for row in agg.per_vm.table()[:limit]:
         table.add_row(row["vm"], f"{row['merges']:,}", f"{row['cow_breaks']:,}",
                       f"{row['shared_pages']:,}", fmt_bytes(row["saved_bytes"]), f"{row['released']:,}",
@@ -53,7 +62,11 @@ def _status_line(agg: Aggregates, why: str, now: int | None) -> str:
     secs = 0.0 if now is None or agg.first_ts is None else (now - agg.first_ts) / NS
     corr = agg.correlation
     lost = agg.totals.snapshot()["lost"]
-    return f"{why} | {secs:,.1f} s | counters vs events: {corr.verdict} | lost events: {lost:,}"
+    rows = agg.per_vm.table()
+    saved = sum(r["saved_bytes"] for r in rows)
+    reclaimed = sum(r["reclaimed_bytes"] for r in rows)
+    return (f"{why} | {secs:,.1f} s | saved by merging {fmt_bytes(saved)} | reclaimed "
+            f"{fmt_bytes(reclaimed)} | counters vs events: {corr.verdict} | lost events: {lost:,}")
 
 
 def _screen(agg: Aggregates, why: str, now: int | None) -> Group:
