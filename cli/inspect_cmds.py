@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import click
-from rich.table import Table
 
 from dynvm_trace import capabilities, exitcodes, ksm_sysfs, procfs, vms
 from dynvm_trace.environment import Environment
@@ -14,6 +13,7 @@ from dynvm_trace.paths import page_size
 from dynvm_trace.pone_sysfs import read_pone
 
 from .options import json_option, roots_options
+from .tables import table
 
 
 def _print_json(env: Environment, data) -> None:
@@ -87,10 +87,10 @@ def status(env: Environment, as_json: bool) -> int:
         out(f"  merged pages now   {pone['merged_pages']:>14,}  ({_mib(pone['merged_pages'], size)} saved)")
         out(f"  released pages now {pone['released_pages']:>14,}  ({_mib(pone['released_pages'], size)})")
         out("  knobs: " + ", ".join(f"{k}={v}" for k, v in pone["knobs"].items()))
-        table = Table("counter", "value", title=None, box=None, pad_edge=False)
+        counters = table("counter", "value")
         for label, value in {**pone["pone_info"], **pone["pone_abstract"]}.items():
-            table.add_row(label, f"{value:,}")
-        out(table)
+            counters.add_row(label, f"{value:,}")
+        out(counters)
         for p in pone["problems"]:
             env.warn(p)
     else:
@@ -102,14 +102,14 @@ def status(env: Environment, as_json: bool) -> int:
         out(f"ksm: not present ({env.roots.ksm_dir} not found)")
     if "vmstat" in state:
         out("vmstat: " + (", ".join(f"{k}={v:,}" for k, v in state["vmstat"].items()) or "no KSM counters"))
-    table = Table("pid", "vm", "comm", "pone tracks it", "ksm merging pages", "ksm profit", box=None)
+    vm_table = table("pid", "ksm merging pages", "ksm profit", text=("vm", "comm", "pone tracks it"))
     for vm in state["vms"]:
         stat = vm["ksm_stat"] or {}
-        table.add_row(str(vm["pid"]), vm["name"], vm["comm"], "yes" if vm["pone_tracked"] else "no",
+        vm_table.add_row(str(vm["pid"]), vm["name"], vm["comm"], "yes" if vm["pone_tracked"] else "no",
                       f"{stat.get('ksm_merging_pages', '-')}", f"{stat.get('ksm_process_profit', '-')}")
     out(f"VMs: {len(state['vms'])}")
     if state["vms"]:
-        out(table)
+        out(vm_table)
     return exitcodes.OK
 
 
@@ -130,10 +130,11 @@ def knobs(ctx: click.Context, as_json: bool) -> int | None:
     if not found:
         env.out(f"no tunables: neither {env.roots.pone_dir} nor {env.roots.ksm_dir} exists")
         return exitcodes.MISSING_FEATURE
-    table = Table("interface", "knob", "value", "default", "range", box=None, pad_edge=False)
+    knob_table = table("interface", "value", "default", text=("knob", "range"))
     for k in found:
-        table.add_row(k.interface, k.name, "?" if k.value is None else str(k.value), k.default_text, k.range)
-    env.console.print(table)
+        knob_table.add_row(k.interface, k.name, k.range, "?" if k.value is None else str(k.value),
+                           k.default_text)
+    env.console.print(knob_table)
     for k in found:
         if k.reason:
             env.warn(k.reason)

@@ -21,25 +21,17 @@ from dynvm_trace.report import aggregates_for, fmt_bytes, render_text, summary_o
 from dynvm_trace.sources.base import Batch
 from dynvm_trace.sources.select import SourceOptions, open_source
 
+from .tables import table
 from .options import roots_options, source_options, timing_options
 
 NS = 1_000_000_000
 RATE_KINDS = MERGE_KINDS + RECLAIM_KINDS
 
 
-def _table(first: str, *numeric: str) -> Table:
-    """A borderless table: the first column text, the others numbers (right-aligned)."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column(first)
-    for name in numeric:
-        table.add_column(name, justify="right")
-    return table
-
-
 def _rates_table(agg: Aggregates) -> Table:
     last = agg.interval() or {"events_per_s": {}, "pages_per_s": {}}
     totals = agg.totals.snapshot()
-    table = _table("event", "events/s", "pages/s", "total events", "total pages")
+    table = table("event", "events/s", "pages/s", "total events", "total pages")
     for kind in RATE_KINDS:
         pages = totals["pages"].get(kind)
         table.add_row(kind, f"{last['events_per_s'].get(kind, 0):,.1f}",
@@ -49,7 +41,7 @@ def _rates_table(agg: Aggregates) -> Table:
 
 
 def _vm_table(agg: Aggregates, limit: int = 20) -> Table:
-    table = _table("vm", "merges", "cow breaks", "shared now", "saved", "released", "refaulted",
+    table = table("vm", "merges", "cow breaks", "shared now", "saved", "released", "refaulted",
                    "reclaimed")
     for row in agg.per_vm.table()[:limit]:
         table.add_row(row["vm"], f"{row['merges']:,}", f"{row['cow_breaks']:,}",
@@ -70,7 +62,7 @@ def _status_line(agg: Aggregates, why: str, now: int | None) -> str:
 
 
 def _screen(agg: Aggregates, why: str, now: int | None) -> Group:
-    return Group(Text(_status_line(agg, why, now)), _rates_table(agg), Text(""), _vm_table(agg))
+    return Group(Text(_status_line(agg, why, now)), _ratestable(agg), Text(""), _vmtable(agg))
 
 
 def _plain_line(agg: Aggregates) -> str | None:

@@ -24,11 +24,11 @@ NS = 1_000_000_000
 class Progress:
     """Counts records by kind; shows a progress line at most once a wall second, and at the end."""
 
-    def __init__(self, env: Environment, label: str):
+    def __init__(self, env: Environment, label: str, start: int):
         self.env, self.label = env, label
         self.kinds: Counter[str] = Counter()
         self.lost = 0
-        self.now = self.start = None
+        self.start = self.now = start  # source time at the start (the header's anchor)
         self._shown = 0.0
 
     def __call__(self, batch: Batch) -> None:
@@ -36,8 +36,6 @@ class Progress:
             self.kinds[rec["kind"]] += 1
             if rec["kind"] == "lost":
                 self.lost += rec["count"]
-        if self.start is None:
-            self.start = batch.now
         self.now = batch.now
         if time.monotonic() - self._shown >= 1.0:
             self._shown = time.monotonic()
@@ -46,7 +44,7 @@ class Progress:
     def line(self) -> str:
         events = sum(n for k, n in self.kinds.items() if k != "counters")
         kinds = " ".join(f"{k} {n:,}" for k, n in sorted(self.kinds.items()) if k not in ("counters", "lost"))
-        secs = 0.0 if self.start is None else (self.now - self.start) / NS
+        secs = (self.now - self.start) / NS
         return (f"{self.label}: {secs:,.1f} s, {events:,} events" + (f" ({kinds})" if kinds else "")
                 + f", {self.kinds['counters']:,} counter snapshots, {self.lost:,} lost")
 
@@ -64,9 +62,10 @@ class Progress:
 def run_to_log(env: Environment, source: Source, interval: float, duration: float | None,
                output: Path | None, label: str) -> int:
     """Drive a source into a log (if given) with a progress line; SIGINT ends it cleanly."""
-    progress = Progress(env, label)
+    header = source.header()
+    progress = Progress(env, label, header["wall_anchor"]["ts"])
     consumers = [progress]
-    writer = LogWriter(output, source.header()) if output else None
+    writer = LogWriter(output, header) if output else None
     if writer:
         consumers.insert(0, lambda batch: writer.write(batch.records))
     try:
