@@ -10,7 +10,7 @@ from dynvm_trace import capabilities, exitcodes, ksm_sysfs, procfs, vms
 from dynvm_trace.environment import Environment
 from dynvm_trace.knobs import list_knobs, set_knob
 from dynvm_trace.paths import page_size
-from dynvm_trace.pone_sysfs import read_pone
+from dynvm_trace.pone_sysfs import read_pone, read_stat_end
 
 from .options import json_option, roots_options
 from .tables import table
@@ -39,7 +39,7 @@ def doctor(env: Environment, as_json: bool) -> int:
     return exitcodes.OK
 
 
-def _host_state(env: Environment) -> dict:
+def _host_state(env: Environment, stat_end: bool) -> dict:
     roots = env.roots
     state: dict = {"page_size": page_size()}
     pone = read_pone(roots)
@@ -49,6 +49,11 @@ def _host_state(env: Environment) -> dict:
         state["pone"] = {"dialect": pone.dialect, "knobs": pone.knobs,
                          "merged_pages": merged, "released_pages": info.get("page recycle count", 0),
                          "pone_info": info, "pone_abstract": pone.abstract, "problems": pone.reasons}
+        if stat_end:
+            try:
+                state["pone"]["pone_stat_end"] = read_stat_end(roots, state["pone"]["problems"])
+            except OSError as e:
+                state["pone"]["problems"].append(f"pone_stat_end: {e.strerror}")
     if roots.ksm_dir.is_dir():
         problems: list[str] = []
         state["ksm"] = {"values": ksm_sysfs.read_ksm(roots, problems), "problems": problems}
@@ -71,11 +76,13 @@ def _mib(pages: int, size: int) -> str:
 
 @click.command()
 @json_option
+@click.option("--stat-end", is_flag=True,
+              help="also read pone_stat_end: counter changes since pone_stat_begin was last read")
 @roots_options
 @click.pass_obj
-def status(env: Environment, as_json: bool) -> int:
+def status(env: Environment, as_json: bool, stat_end: bool) -> int:
     """Counters, knobs and the per-VM table, as the kernel shows them now."""
-    state = _host_state(env)
+    state = _host_state(env, stat_end)
     if as_json:
         _print_json(env, state)
         return exitcodes.OK
@@ -91,6 +98,11 @@ def status(env: Environment, as_json: bool) -> int:
         for label, value in {**pone["pone_info"], **pone["pone_abstract"]}.items():
             counters.add_row(label, f"{value:,}")
         out(counters)
+        if "pone_stat_end" in pone:
+            since = table("pone_stat_end (since pone_stat_begin)", "change")
+            for label, value in pone["pone_stat_end"].items():
+                since.add_row(label, f"{value:,}")
+            out(since)
         for p in pone["problems"]:
             env.warn(p)
     else:

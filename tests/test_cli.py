@@ -4,12 +4,15 @@ exit status. Bad inputs named by the issue each get a test."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import shutil
 
 import pytest
 
 from dynvm_trace import exitcodes
+from dynvm_trace.cli.main import main
+from dynvm_trace.environment import Environment
 from dynvm_trace.logfile import LogReader
 from dynvm_trace.paths import Roots
 
@@ -310,3 +313,20 @@ def test_top_without_a_terminal_prints_interval_lines_then_the_report(small_log)
     assert lines[5].lstrip().startswith("30.0 s  cow_break 206/s |")
     assert lines[6].lstrip().startswith("35.0 s  reclaim_report 51 pages/s reclaim_release 51 pages/s |")  # 4,098 merges in the 15-20 s interval
     assert "CORRELATION (counters vs events): agrees" in report
+
+
+def test_status_reads_pone_stat_end_only_on_request():
+    assert "pone_stat_end" not in json.loads(run(["status", "--json"], MERGED).out)["pone"]
+    data = json.loads(run(["status", "--json", "--stat-end"], MERGED).out)
+    stat_end = data["pone"]["pone_stat_end"]
+    assert len(stat_end) == 31 and stat_end["slice merge cnt"] == 4091
+    assert stat_end["slice out que cnt"] == 0  # the kernel's bug: always 0 there
+    assert "pone_stat_end (since pone_stat_begin)" in run(["status", "--stat-end"], MERGED).out
+
+
+def test_roots_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DYNVM_SYSFS_ROOT", str(PONE_FIXTURES / "sysfs-idle"))
+    monkeypatch.setenv("DYNVM_PROC_ROOT", str(PONE_FIXTURES / "no-proc"))
+    env = Environment(stdout=io.StringIO(), stderr=io.StringIO())
+    assert main(["status", "--json"], env) == exitcodes.OK
+    assert json.loads(env.stdout.getvalue())["pone"]["knobs"]["pone_deamon_scan_period"] == 20000
