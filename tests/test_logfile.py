@@ -157,3 +157,21 @@ def test_record_validation_names_each_problem():
     assert events.problems({"kind": "bogus"}) == ["unknown kind 'bogus'"]
     assert events.problems({"kind": "counters", "ts": 1, "src": "e"}) == \
         ["missing field 'group'", "missing field 'values'"]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz"])
+def test_a_bad_line_far_into_the_file_is_named_exactly(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(logfile, "BLOCK", 4096)
+    monkeypatch.setattr(logfile, "PARSE", 1000)  # many pieces per block, lines across blocks
+    lines = [logfile.jsonio.dumps(r) for r in merges(3000)]
+    lines[1000:1000] = [b"", b"   "]  # blank lines count as lines, and are skipped
+    lines.insert(2500, b'{"kind": oops}')
+    opener = gzip.open if name.endswith(".gz") else open
+    path = tmp_path / name
+    with opener(path, "wb") as f:
+        f.write(logfile.jsonio.dumps(HEADER) + b"\n" + b"\n".join(lines) + b"\n")
+    reader = LogReader(path)
+    with pytest.raises(LogFormatError) as e:
+        for _ in reader.batches():
+            pass
+    assert str(e.value) == f"{path}:2502: not valid JSON"  # the header is line 1
