@@ -11,7 +11,7 @@ from dynvm_trace.environment import Environment
 from dynvm_trace.logfile import LogFormatError
 from dynvm_trace.sources.base import SourceUnavailable
 
-from . import inspect_cmds, live, report_cmds, stream
+from . import import_cmd, inspect_cmds, live, report_cmds, stream
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,7 +22,8 @@ def cli() -> None:
 
 
 for command in (inspect_cmds.doctor, inspect_cmds.status, inspect_cmds.knobs, stream.emulate,
-                stream.record, stream.trace, live.top, report_cmds.report):
+                stream.record, stream.trace, live.top, report_cmds.report, report_cmds.compare,
+                import_cmd.import_recording):
     cli.add_command(command)
 
 

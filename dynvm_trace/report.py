@@ -13,6 +13,7 @@ from .aggregators import Aggregates, Record
 from .lifetimes import bucket_range
 from .paths import page_size as host_page_size
 
+COUNTERS_ONLY = "counters only: no events to compare"
 HEADER_FIELDS = ("source", "kernel", "host", "page_size", "clock", "tool_version", "wall_anchor")
 
 
@@ -49,6 +50,9 @@ def summary_of(header: dict[str, Any], agg: Aggregates, reader_warnings: list[st
     if not isinstance(size, int) or size <= 0:
         warnings.append(f"the header gives no page size; using this host's ({agg.page_size} bytes)")
     snap = agg.snapshot()
+    if header.get("counters_only") is True:  # an imported recording: nothing to compare
+        snap["correlation"] = {"verdict": COUNTERS_ONLY, "late_records": 0, "rules": [],
+                               "counters_records": snap["correlation"]["counters_records"]}
     warnings += _warnings(snap)
     return {
         "header": {k: header.get(k) for k in HEADER_FIELDS} | {"page_size": agg.page_size},
@@ -72,7 +76,7 @@ def _warnings(snap: dict[str, Any]) -> list[str]:
     if corr["late_records"]:
         out.append(f"{corr['late_records']:,} records came after a counters record with a "
                    "later or equal timestamp: they were compared in the following window")
-    if corr["counters_records"] and not corr["rules"]:
+    if corr["counters_records"] and not corr["rules"] and corr["verdict"] != COUNTERS_ONLY:
         out.append("counters were recorded, but no group had two snapshots a rule could compare")
     negative = [row["vm"] for row in snap["vms"] if row["shared_pages"] < 0]
     if negative:

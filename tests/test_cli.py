@@ -330,3 +330,18 @@ def test_roots_come_from_the_environment(monkeypatch):
     env = Environment(stdout=io.StringIO(), stderr=io.StringIO())
     assert main(["status", "--json"], env) == exitcodes.OK
     assert json.loads(env.stdout.getvalue())["pone"]["knobs"]["pone_deamon_scan_period"] == 20000
+
+
+def test_the_real_run1_recording_matches_the_emulated_run1(tmp_path):
+    real, emulated = tmp_path / "real.jsonl", tmp_path / "emulated.jsonl.gz"
+    assert run(["import", PONE_FIXTURES / "run1-merge-cow.txt", "-o", real]).code == exitcodes.OK
+    assert run(["emulate", "--scenario", "run1", "-o", emulated]).code == exitcodes.OK
+    r = run(["compare", real, emulated])
+    assert r.code == exitcodes.OK
+    assert [line.split()[-1] for line in r.out.splitlines()[1:]] == ["matches"] * 9
+    assert "slice merge cnt                   19  matches" in r.out
+    differs = run(["compare", real, emulated, "--label", "data map key cnt"])
+    assert differs.code == exitcodes.FAILURE and "worst difference -623,270 at ts 210.08 s" in differs.out
+    report = run(["report", real, "--check"])
+    assert report.code == exitcodes.FAILURE  # counters only: nothing was verified
+    assert "CORRELATION (counters vs events): counters only: no events to compare" in report.out
