@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
-from dynvm_trace import capabilities, exitcodes, ksm_sysfs, procfs, vms
+from dynvm_trace import capabilities, exitcodes, ksm_sysfs, pone_doctor, procfs, vms
 from dynvm_trace.environment import Environment
 from dynvm_trace.knobs import list_knobs, set_knob
 from dynvm_trace.paths import page_size
@@ -20,22 +21,44 @@ def _print_json(env: Environment, data) -> None:
     env.out(json.dumps(data, indent=2, sort_keys=False))
 
 
+def _print_checks(env: Environment, checks: list[capabilities.Check]) -> None:
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        env.out(f"{'ok' if c.ok else 'no':<3} {c.name:<{width}}  {c.detail}")
+        if not c.ok and c.fix:
+            env.out(f"{'':{width + 4}}  fix: {c.fix}")
+
+
 @click.command()
 @json_option
+@click.option("--source", "for_source", type=click.Choice(["all", "pone"]), default="all",
+              show_default=True, help="pone: also walk the pone installation checks and probe points")
+@click.option("--system-map", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="pone: check probe points against this System.map instead of /proc/kallsyms")
+@click.option("--vmlinux", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="pone: check probe points against this vmlinux (ELF symbols; with DWARF, "
+                   "also functions that exist only inlined)")
 @roots_options
 @click.pass_obj
-def doctor(env: Environment, as_json: bool) -> int:
+def doctor(env: Environment, as_json: bool, for_source: str, system_map: Path | None,
+           vmlinux: Path | None) -> int:
     """What this host can trace, and for what it cannot, what is missing and the fix."""
     checks = capabilities.source_checks(env.roots)
     auto = next(c.name for c in checks if c.ok)
+    pone = (pone_doctor.doctor(env.roots, system_map=system_map, vmlinux=vmlinux)
+            if for_source == "pone" or system_map or vmlinux else None)
     if as_json:
-        _print_json(env, {"auto": auto, "sources": [c.as_dict() for c in checks]})
+        data = {"auto": auto, "sources": [c.as_dict() for c in checks]}
+        if pone is not None:
+            data["pone"] = [c.as_dict() for c in pone]
+        _print_json(env, data)
         return exitcodes.OK
-    for c in checks:
-        env.out(f"{'ok' if c.ok else 'no':<3} {c.name:<8} {c.detail}")
-        if not c.ok and c.fix:
-            env.out(f"{'':12} fix: {c.fix}")
+    _print_checks(env, checks)
     env.out(f"--source auto picks: {auto}")
+    if pone is not None:
+        env.out("")
+        env.out("pone (the Dynamic VM kernel):")
+        _print_checks(env, pone)
     return exitcodes.OK
 
 

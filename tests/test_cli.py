@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import json
 import shutil
 
@@ -345,3 +346,22 @@ def test_the_real_run1_recording_matches_the_emulated_run1(tmp_path):
     report = run(["report", real, "--check"])
     assert report.code == exitcodes.FAILURE  # counters only: nothing was verified
     assert "CORRELATION (counters vs events): counters only: no events to compare" in report.out
+
+
+def test_doctor_for_pone_walks_the_guide_checks_and_probe_points(tmp_path):
+    proc = write_tree(tmp_path / "proc", {"kallsyms": (PONE_FIXTURES / "kallsyms-subset.txt").read_text()})
+    r = run(["doctor", "--source", "pone"], Roots(PONE_FIXTURES / "sysfs-merged", proc))
+    assert r.code == exitcodes.OK
+    text = normalize(r.out).replace(str(tmp_path), "<tmp>")
+    text = re.sub(r"(?m)^(ok|no)  kvm .*\n(  +fix: .*\n)?", "<the kvm check: depends on /dev/kvm here>\n", text)
+    assert_golden("cli_doctor_pone_checks.txt", text)
+
+
+def test_doctor_checks_probe_points_against_a_system_map(tmp_path):
+    system_map = tmp_path / "System.map"
+    system_map.write_text("".join(line + "\n" for line in
+                                  (PONE_FIXTURES / "kallsyms-subset.txt").read_text().splitlines()
+                                  if not line.endswith(" change_reverse_ref")))
+    data = json.loads(run(["doctor", "--json", "--system-map", system_map], MERGED).out)
+    (probe,) = [c for c in data["pone"] if c["name"] == "probe change_reverse_ref"]
+    assert probe["ok"] is False and "merge" in probe["detail"]
