@@ -17,7 +17,8 @@ from dynvm_trace.environment import Environment
 from dynvm_trace.events import MERGE_KINDS, RECLAIM_KINDS
 from dynvm_trace.logfile import LogWriter
 from dynvm_trace.pipeline import drive, stop_on_sigint
-from dynvm_trace.report import aggregates_for, fmt_bytes, render_text, summary_of
+from dynvm_trace.alerts import interleave
+from dynvm_trace.report import aggregates_for, alert_line, fmt_bytes, render_text, summary_of
 from dynvm_trace.sources.base import Batch
 from dynvm_trace.sources.select import SourceOptions, open_source
 
@@ -31,23 +32,23 @@ RATE_KINDS = MERGE_KINDS + RECLAIM_KINDS
 def _rates_table(agg: Aggregates) -> Table:
     last = agg.interval() or {"events_per_s": {}, "pages_per_s": {}}
     totals = agg.totals.snapshot()
-    table = table("event", "events/s", "pages/s", "total events", "total pages")
+    t = table("event", "events/s", "pages/s", "total events", "total pages")
     for kind in RATE_KINDS:
         pages = totals["pages"].get(kind)
-        table.add_row(kind, f"{last['events_per_s'].get(kind, 0):,.1f}",
+        t.add_row(kind, f"{last['events_per_s'].get(kind, 0):,.1f}",
                       f"{last['pages_per_s'].get(kind, 0):,.1f}",
                       f"{totals['events'].get(kind, 0):,}", "-" if pages is None else f"{pages:,}")
-    return table
+    return t
 
 
 def _vm_table(agg: Aggregates, limit: int = 20) -> Table:
-    table = table("vm", "merges", "cow breaks", "shared now", "saved", "released", "refaulted",
-                   "reclaimed")
+    t = table("vm", "merges", "cow breaks", "shared now", "saved", "released", "refaulted",
+              "reclaimed")
     for row in agg.per_vm.table()[:limit]:
-        table.add_row(row["vm"], f"{row['merges']:,}", f"{row['cow_breaks']:,}",
+        t.add_row(row["vm"], f"{row['merges']:,}", f"{row['cow_breaks']:,}",
                       f"{row['shared_pages']:,}", fmt_bytes(row["saved_bytes"]), f"{row['released']:,}",
                       f"{row['refaulted']:,}", fmt_bytes(row["reclaimed_bytes"]))
-    return table
+    return t
 
 
 def _status_line(agg: Aggregates, why: str, now: int | None) -> str:
@@ -61,8 +62,23 @@ def _status_line(agg: Aggregates, why: str, now: int | None) -> str:
             f"{fmt_bytes(reclaimed)} | counters vs events: {corr.verdict} | lost events: {lost:,}")
 
 
+def _alerts_text(agg: Aggregates, limit: int = 8) -> Text:
+    """The alerts raised so far (failures of the kernel itself), under the tables."""
+    alerts = agg.alerts.snapshot() if hasattr(agg, "alerts") else []
+    if not alerts:
+        return Text("alerts: none")
+    lines = [f"ALERTS ({len(alerts):,})"]
+    for a in alerts[:limit]:
+        lines.append(f"! {alert_line(a)}")
+        lines.append(f"  {a.get('message', '')}")
+    if len(alerts) > limit:
+        lines.append(f"  ... {len(alerts) - limit:,} more in the report")
+    return Text("\n".join(lines), style="bold red")
+
+
 def _screen(agg: Aggregates, why: str, now: int | None) -> Group:
-    return Group(Text(_status_line(agg, why, now)), _ratestable(agg), Text(""), _vmtable(agg))
+    return Group(Text(_status_line(agg, why, now)), _rates_table(agg), Text(""), _vm_table(agg),
+                 Text(""), _alerts_text(agg))
 
 
 def _plain_line(agg: Aggregates) -> str | None:
@@ -114,9 +130,12 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
     state = {"now": None}
 
     def feed(batch: Batch) -> None:
+        raised = agg.feed(batch.records, batch.now)  # aggregates and alerts
         if writer:
-            writer.write(batch.records)
-        agg.feed(batch.records, batch.now)
+            writer.write(interleave(batch.records, raised))
+        if raised and not env.stdout_isatty:
+            for a in raised:
+                env.out(f"alert: {alert_line(a)}: {a['message']}")
         state["now"] = batch.now
 
     short_why = why.split(" (")[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from dynvm_trace import exitcodes, jsonio
+from dynvm_trace.alerts import Alerts, interleave
 from dynvm_trace.environment import Environment
 from dynvm_trace.logfile import LogWriter
 from dynvm_trace.pipeline import drive, stop_on_sigint
@@ -61,13 +62,22 @@ class Progress:
 
 def run_to_log(env: Environment, source: Source, interval: float, duration: float | None,
                output: Path | None, label: str) -> int:
-    """Drive a source into a log (if given) with a progress line; SIGINT ends it cleanly."""
+    """Drive a source into a log (if given) with a progress line; SIGINT ends it cleanly.
+    The alerts derived from the stream (dynvm_trace.alerts) are written into the log as they
+    are raised, and said on stderr."""
     header = source.header()
     progress = Progress(env, label, header["wall_anchor"]["ts"])
-    consumers = [progress]
     writer = LogWriter(output, header) if output else None
-    if writer:
-        consumers.insert(0, lambda batch: writer.write(batch.records))
+    alerts = Alerts()
+
+    def write(batch: Batch) -> None:
+        raised = alerts.feed(batch.records)
+        if writer:
+            writer.write(interleave(batch.records, raised))
+        for a in raised:
+            env.warn(alert_note(a))
+
+    consumers = [write, progress]
     try:
         with stop_on_sigint(source) as interrupted:
             drive(source, int(interval * NS), None if duration is None else int(duration * NS), consumers)
@@ -132,6 +142,12 @@ def emulate(env: Environment, scenario: str, seed: int, speed: str, dialect: str
     return run_to_log(env, source, interval, duration, output, "emulating")
 
 
+def alert_note(a: dict) -> str:
+    """The line said when an alert is raised."""
+    from dynvm_trace.report import alert_subject
+    return f"alert {a['alert']} ({alert_subject(a)}) at ts {a['ts']:,}: {a['message']}"
+
+
 KEY_FIELDS = ("kind", "ts", "src", "pid", "comm", "vm")
 
 
@@ -160,14 +176,17 @@ def _value(key: str, value) -> str:
 @click.pass_obj
 def trace(env: Environment, source_opts: SourceOptions, interval: float, duration: float | None,
           as_json: bool, kinds: tuple[str, ...]) -> int:
-    """Stream events as they happen: text, or JSON Lines with --json."""
+    """Stream events as they happen: text, or JSON Lines with --json (alert records too,
+    derived from the stream as they are raised)."""
     source, why = open_source(source_opts, env.roots, env.warn)
     env.note(why)
     wanted = set(kinds)
     out = env.stdout
+    alerts = Alerts()
 
     def show(batch: Batch) -> None:
-        recs = [r for r in batch.records if not wanted or r["kind"] in wanted]
+        every = interleave(batch.records, alerts.feed(batch.records))
+        recs = [r for r in every if not wanted or r["kind"] in wanted]
         if as_json:
             out.write(jsonio.dumps_lines(recs).decode())
         else:

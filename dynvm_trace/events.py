@@ -49,10 +49,16 @@ KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "vm_start": {"pages": int},
     "vm_exit": {"released": int},
     # a snapshot of a group of kernel counters (group: pone_info, pone_abstract, ksm, vmstat,
-    # ksm_stat); values maps the kernel's own labels to numbers
+    # ksm_stat, meminfo, workers); values maps the kernel's own labels to numbers
     "counters": {"group": str, "values": dict},
     # count events were lost (where, why)
     "lost": {"count": int, "where": str, "why": str},
+    # a failure of the kernel itself, derived from the stream by dynvm_trace.alerts: alert is a
+    # stable id (release_stuck, worker_stalled, worker_gone), message one line for people;
+    # pages/pfns/addr/worker where they apply; evidence: events, counters or workers; count:
+    # times the condition had been seen when it was raised
+    "alert": {"alert": str, "message": str, "pages": int, "pfns": list, "addr": int,
+              "worker": str, "count": int, "first_ts": int, "evidence": str},
 }
 
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -65,6 +71,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "scan_end": ("seq",),
     "counters": ("group", "values"),
     "lost": ("count", "where", "why"),
+    "alert": ("alert", "message"),
 }
 
 # Kinds that are page-sharing events, in the order views list them.

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from .aggregators import Aggregates, Record
+from .alerts import Alerts
 from .lifetimes import bucket_range
 from .paths import page_size as host_page_size
 
@@ -37,14 +38,30 @@ def summarize(log: Log | tuple[dict[str, Any], Iterable[list[Record]]],
     return summary_of(header, agg, reader_warnings)
 
 
-def aggregates_for(header: dict[str, Any], interval_ns: int = 1_000_000_000) -> Aggregates:
-    """Aggregates for the stream a header describes (its page size, else this host's)."""
+class AggregatesWithAlerts(Aggregates):
+    """Aggregates, and the alert detector (dynvm_trace.alerts) fed the same batches: `alerts`.
+    `feed` returns the alert records the batch raised (for a writer to put into its log)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.alerts = Alerts()
+
+    def feed(self, records: list[Record], now: int | None = None) -> list[Record]:
+        super().feed(records, now)
+        return self.alerts.feed(records) if records else []
+
+
+def aggregates_for(header: dict[str, Any], interval_ns: int = 1_000_000_000) -> AggregatesWithAlerts:
+    """Aggregates (with alerts) for the stream a header describes (its page size, else this
+    host's)."""
     size = header.get("page_size")
-    return Aggregates(size if isinstance(size, int) and size > 0 else host_page_size(), interval_ns)
+    return AggregatesWithAlerts(size if isinstance(size, int) and size > 0 else host_page_size(),
+                                interval_ns)
 
 
 def summary_of(header: dict[str, Any], agg: Aggregates, reader_warnings: list[str] = ()) -> dict[str, Any]:
-    """The summary of what `agg` has been fed: the same for a log and for a live run."""
+    """The summary of what `agg` has been fed: the same for a log and for a live run. Alerts
+    come from `agg.alerts` (aggregates_for's); a plain Aggregates has none."""
     warnings = list(reader_warnings)
     size = header.get("page_size")
     if not isinstance(size, int) or size <= 0:
@@ -63,6 +80,7 @@ def summary_of(header: dict[str, Any], agg: Aggregates, reader_warnings: list[st
         "counters": snap["counters"],
         "correlation": snap["correlation"],
         "lost": snap["totals"]["lost"],
+        "alerts": agg.alerts.snapshot() if isinstance(getattr(agg, "alerts", None), Alerts) else [],
         "warnings": warnings,
     }
 
@@ -107,7 +125,8 @@ def render_text(summary: dict[str, Any]) -> str:
     """The report as plain text (ends with a newline)."""
     parts = [_header(summary), _totals(summary["totals"]), _vms(summary["vms"]),
              _lifetimes(summary["lifetimes"]), _counters(summary["counters"]),
-             _correlation(summary["correlation"]), _warnings_text(summary["warnings"])]
+             _correlation(summary["correlation"]), _alerts(summary.get("alerts", [])),
+             _warnings_text(summary["warnings"])]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -209,6 +228,44 @@ def _correlation(c: dict[str, Any]) -> str:
                          f"{w['difference']:+,}, lost {w['lost']:,}")
         if r["note"]:
             lines.append(f"  note: {r['note']}")
+    return "\n".join(lines)
+
+
+def alert_subject(a: dict[str, Any]) -> str:
+    """Whom an alert concerns: the worker, the VM, the pid, else the host."""
+    if "worker" in a:
+        return a["worker"]
+    if "vm" in a:
+        return a["vm"]
+    return f"pid {a['pid']}" if "pid" in a else "host"
+
+
+def alert_line(a: dict[str, Any], max_pfns: int = 8) -> str:
+    """One line of facts about an alert (its message is another)."""
+    facts = []
+    if "pages" in a:
+        facts.append(f"{a['pages']:,} pages")
+    pfns = a.get("pfns") or []
+    if pfns:
+        more = f" +{len(pfns) - max_pfns:,} more" if len(pfns) > max_pfns else ""
+        facts.append("pfns " + " ".join(hex(p) for p in pfns[:max_pfns]) + more)
+    n = a.get("count", 1)
+    facts.append(f"seen {n:,} time{'' if n == 1 else 's'}")
+    first, last = a.get("first_ts", a.get("ts")), a.get("last_ts")
+    facts.append(f"ts {fmt_int(first)}" if last is None or last == first
+                 else f"ts {fmt_int(first)} .. {fmt_int(last)}")
+    if "evidence" in a:
+        facts.append(f"from {a['evidence']}")
+    return f"{a['alert']} ({alert_subject(a)}): " + ", ".join(facts)
+
+
+def _alerts(alerts: list[dict[str, Any]]) -> str:
+    if not alerts:
+        return "ALERTS (failures of the kernel itself): none"
+    lines = ["ALERTS (failures of the kernel itself)"]
+    for a in alerts:
+        lines.append("- " + alert_line(a))
+        lines.append(f"  {a.get('message', '')}")
     return "\n".join(lines)
 
 

@@ -367,12 +367,13 @@ pattern = "identical"
     r = run(scenario(text), interval_s=5)
     check_invariants(r)
     assert len(r.of("merge")) == 199999
-    assert max(n for _, n in r.batches) <= BATCH_LIMIT + 2
+    assert max(n for _, n in r.batches) <= BATCH_LIMIT + 3
     split = [now for now, _ in r.batches if now == 15 * SEC]
     assert len(split) >= 4  # one merge scan split over several batches with the same now
-    # every batch ends with its counters (pone_info, then pone_abstract for the guide)
+    # every batch ends with its counters (workers, pone_info, then pone_abstract for the guide)
     i = 0
     for _, n in r.batches:
+        assert r.records[i + n - 3]["group"] == "workers"
         assert r.records[i + n - 2]["group"] == "pone_info"
         assert r.records[i + n - 1]["group"] == "pone_abstract"
         i += n

@@ -73,7 +73,7 @@ def test_summary_from_reader_equals_summary_from_header_and_batches(tmp_path):
 def test_summary_keys_and_figures():
     s = json.loads(json.dumps(summarize(small_log())))
     assert list(s) == ["header", "span", "totals", "vms", "lifetimes", "counters",
-                       "correlation", "lost", "warnings"]
+                       "correlation", "lost", "alerts", "warnings"]
     assert s["header"]["page_size"] == 8192 and s["header"]["kernel"] == "4.4.1-pone"
     assert s["span"] == {"first_ts": 0, "last_ts": 20 * MS, "duration_ns": 20 * MS}
     assert s["lost"] == 2

@@ -29,6 +29,13 @@ hold them):
 - pone_run 0: the daemon does nothing and pages first touched meanwhile are never tracked.
 - Fake pfns: page g's host frame is g + total_pages * generation (mod 256), the generation
   counting the new host pages it got; a group's kept pfn is its first page's frame.
+- Failure modes (pone.md): `pin` frees pages that hold an extra reference: their release fails
+  every base cycle (virt page merge count err, find volatile and out que +N each cycle, a
+  failed reclaim_release per run; no slice que change watch: they stay marked). `crash_worker`:
+  the one worker of the emulated 2-vCPU host (spthrd_1) dies: it leaves the `workers` group
+  (spthrd_1, spthrd_divide, spdeamon with fake pids 97-99); the daemon still ages pages and
+  finds aged, watch and marked pages every cycle (find volatile / fine watch rise by them each
+  time) but nothing is write-protected, inserted, merged or released (out que stops).
 - Not modelled: data map/unmap key cnt, the free counters, merge errors (all stay 0).
 """
 

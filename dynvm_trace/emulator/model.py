@@ -17,6 +17,9 @@ docs in the package __init__):
     RELEASED   released by ppr: maps the shared zero page, no host memory
     MARKED     guest freed it (ppr mark written), waiting for the next base cycle
     MARKED_BAD same, with a bad pool slot: the release will fail
+    PINNED     same, but the page holds an extra reference (pinned, e.g. by I/O): the release
+               fails, and every later one too (the host clears the slot before it checks the
+               reference count and does not put it back; pone.md "Failure modes")
 
 Each 5 s base cycle (`seq` k = 1, 2, ... at k*5 s): release marked pages (when pone_recycle_run
 / pone_reclaim_run is on), then, when it is a merge scan (k % (period // 5000) == 0): insert
@@ -32,16 +35,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .scenario import KNOB_DEFAULTS, QEMU_COMM, Scenario, Step
 
-ABSENT, UNTRACKED, VOLATILE, AGED, WATCH, TREE, RELEASED, MARKED, MARKED_BAD = range(9)
+ABSENT, UNTRACKED, VOLATILE, AGED, WATCH, TREE, RELEASED, MARKED, MARKED_BAD, PINNED = range(10)
 STATE_NAMES = ("absent", "untracked", "volatile", "aged", "watch", "tree", "released",
-               "marked", "marked_bad")
+               "marked", "marked_bad", "pinned")
 
 BASE_CYCLE_NS = 5_000_000_000  # the daemon's base cycle (msleep(5000 - cost))
 MIN_PERIOD_MS = 5000
@@ -86,6 +89,12 @@ FIND_VOLATILE = "slice deamon find volatile cnt"
 FINE_WATCH = "slice deamon fine watch cnt"
 RECYCLE = "page recycle count"
 
+# The pone kernel threads of the emulated host, as pone.md saw them at boot with 2 vCPUs, with
+# made-up pids (the `workers` counters group: thread name -> pid). spthrd_1 is the only worker:
+# it does all the write-protect, tree insert, merge and release work.
+WORKER = "spthrd_1"
+THREADS = {"spthrd_1": 97, "spthrd_divide": 98, "spdeamon": 99}
+
 
 @dataclass
 class Chunk:
@@ -96,6 +105,7 @@ class Chunk:
     t: int
     records: list[dict[str, Any]]
     counters: dict[str, int]
+    workers: dict[str, int] = field(default_factory=dict)  # pone threads alive: name -> pid
 
 
 def _rank(c: np.ndarray) -> np.ndarray:
@@ -173,6 +183,12 @@ class Host:
         self.cycles = 0
         self.exited_released = 0
         self._marked_pending = False
+        self.threads: dict[str, int] = dict(THREADS)  # alive; crash_worker removes one
+
+    @property
+    def worker_dead(self) -> bool:
+        """The worker died: the daemon still finds and queues work, nobody serves it."""
+        return WORKER not in self.threads
 
     # --- knobs ----------------------------------------------------------------------------------
 
@@ -368,9 +384,9 @@ class Host:
                 k += 1
             # announce the happening before doing it: a consumer that stops pulling at time t
             # has not let the model run ahead (knobs written meanwhile are read at the cycle)
-            yield Chunk(t, [], dict(self.ctr))
+            yield Chunk(t, [], dict(self.ctr), dict(self.threads))
             for recs in gen:
-                yield Chunk(t, recs, dict(self.ctr))
+                yield Chunk(t, recs, dict(self.ctr), dict(self.threads))
         self.finished = True
 
     def _vm_start(self, v: int, t: int) -> Iterator[list]:
@@ -402,6 +418,10 @@ class Host:
         if st.action == "set":
             self.set_knob(st.knob, int(st.value))
             return
+        if st.action == "crash_worker":  # an Oops in the thread: it is gone from then on
+            self.threads.pop(st.worker, None)
+            yield []  # a chunk: the counters after it show the thread gone
+            return
         v = self.vm_index[st.vm]
         if not self.alive[v]:
             return
@@ -409,8 +429,8 @@ class Host:
             yield from self._exit(v, t)
             return
         g = self._select(v, st)
-        if st.action == "free":
-            yield from self._free(v, g, st, t)
+        if st.action in ("free", "pin"):
+            yield from self._free(v, g, st, t, pinned=st.action == "pin")
         else:
             new = self._contents(st, len(g), self.content[g])
             yield from self._write(v, g, new, t)
@@ -493,18 +513,22 @@ class Host:
         self.content[gr] = new[rest]
         yield []
 
-    def _free(self, v: int, g: np.ndarray, st: Step, t: int) -> Iterator[list]:
+    def _free(self, v: int, g: np.ndarray, st: Step, t: int, pinned: bool = False) -> Iterator[list]:
         """The guest frees pages: its ppr driver writes a mark (unique content: indicator, pool,
         slot) into each page, which is a write like any other (a merged page is COW-broken
-        first), and the page waits for the next base cycle to be released."""
+        first), and the page waits for the next base cycle to be released. `pinned` (action
+        "pin"): the pages also hold an extra reference, so every release of them fails."""
         marks = self._contents(st, len(g), self.content[g], "unique")
         yield from self._write(v, g, marks, t)
         if not self.tracked[v] or len(g) == 0:
             return
         ok = g[self.state[g] == VOLATILE]  # tracked pages (not while pone_run was 0)
         if len(ok):
-            bad = self.rng.random(len(ok)) < st.fail if st.fail > 0 else np.zeros(len(ok), bool)
-            self.state[ok] = np.where(bad, MARKED_BAD, MARKED).astype(np.uint8)
+            if pinned:
+                self.state[ok] = PINNED
+            else:
+                bad = self.rng.random(len(ok)) < st.fail if st.fail > 0 else np.zeros(len(ok), bool)
+                self.state[ok] = np.where(bad, MARKED_BAD, MARKED).astype(np.uint8)
             self._marked_pending = True
         yield [self._vm_record("reclaim_report", v, t, pages=len(g))]
 
@@ -555,27 +579,42 @@ class Host:
         state = self.state
         out: list[dict[str, Any]] = [
             {"kind": "scan_start", "ts": self._ts(t, 1), "src": SRC, "seq": k, "merge_scan": merge}]
+        dead = self.worker_dead
         if merge:
             # insert the pages write-protected by the previous merge scan
             for gg in self._walk(WATCH):
+                if dead:  # the daemon finds them; the dead worker never inserts them
+                    self.ctr[FINE_WATCH] += len(gg)
+                    continue
                 out += self._insert(gg, t)
                 yield out
                 out = []
         # ppr: release the pages marked since the last cycle (every base cycle)
         if self._marked_pending and self.knobs["recycle_run"]:
             self._marked_pending = False
-            for gg in self._walk(MARKED, MARKED_BAD):
-                bad = state[gg] == MARKED_BAD
-                n, nb = len(gg), int(bad.sum())
+            for gg in self._walk(MARKED, PINNED):
+                n = len(gg)
                 self.ctr[FIND_VOLATILE] += n
+                if dead:  # queued to the dead worker: never served, found again next cycle
+                    self._marked_pending = True
+                    continue
+                s = state[gg]
+                bad = s == MARKED_BAD
+                pinned = s == PINNED
+                failed = bad | pinned
+                nf, nb = int(failed.sum()), int(bad.sum())
                 self.ctr[OUT_QUE] += n
-                self.ctr[VIRT_MERGE] += n - nb
-                self.ctr[RECYCLE] += n - nb
-                self.ctr[VIRT_MERGE_ERR] += nb
-                self.ctr[QUE_WATCH] += nb  # a failed page goes on to the merge path
-                state[gg] = np.where(bad, WATCH, RELEASED).astype(np.uint8)
-                self.content[gg[~bad]] = 0
-                out += self._run_records("reclaim_release", gg, t, bad.astype(np.int64),
+                self.ctr[VIRT_MERGE] += n - nf
+                self.ctr[RECYCLE] += n - nf
+                self.ctr[VIRT_MERGE_ERR] += nf
+                self.ctr[QUE_WATCH] += nb  # a bad slot goes on to the merge path
+                # a pinned page stays marked (its slot is gone): it fails again next cycle
+                state[gg] = np.where(pinned, PINNED, np.where(bad, WATCH, RELEASED)).astype(np.uint8)
+                self.content[gg[~failed]] = 0
+                if nf - nb:
+                    self._marked_pending = True
+                key = bad.astype(np.int64) + 2 * pinned.astype(np.int64)
+                out += self._run_records("reclaim_release", gg, t, key,
                                          lambda b: "failed" if b else "released")
                 yield out
                 out = []
@@ -588,15 +627,17 @@ class Host:
                 m = seg == AGED
                 n = int(np.count_nonzero(m))
                 if n:
-                    seg[m] = WATCH
+                    if not dead:  # the worker write-protects; dead, they stay aged
+                        seg[m] = WATCH
                     wp += n
             m = seg == VOLATILE
             if m.any():
                 seg[m] = AGED
             scanned += int(np.count_nonzero(seg >= VOLATILE)) - int(np.count_nonzero(seg == RELEASED))
         self.ctr[FIND_VOLATILE] += wp
-        self.ctr[OUT_QUE] += wp
-        self.ctr[QUE_WATCH] += wp
+        if not dead:
+            self.ctr[OUT_QUE] += wp
+            self.ctr[QUE_WATCH] += wp
         self.pages_scanned_total += scanned
         out.append({"kind": "scan_end", "ts": self._ts(t, 1), "src": SRC, "seq": k,
                     "merge_scan": merge, "pages_scanned": scanned})

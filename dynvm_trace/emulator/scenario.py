@@ -2,8 +2,8 @@
 
 A scenario names the VMs (qemu processes with guest RAM), the pone knobs, and a timeline of
 workload steps. Every mistake is a ScenarioError whose message names the file and the field,
-e.g. ``demo.toml: step[3].action: unknown action 'fil' (one of fill, write, free, touch, exit,
-set)``.
+e.g. ``demo.toml: step[3].action: unknown action 'fil' (one of fill, write, free, pin, touch,
+exit, set, crash_worker)``.
 
 Format (times in seconds of emulated time since the start; sizes are pages (int) or byte
 strings such as "4GiB", "512MiB", "64KiB", converted with the page size)::
@@ -29,8 +29,8 @@ strings such as "4GiB", "512MiB", "64KiB", converted with the page size)::
 
     [[step]]
     at = 11.5                     # seconds
-    vm = "vm1"                    # required except for action "set"
-    action = "fill"               # fill | write | free | touch | exit | set
+    vm = "vm1"                    # required except for actions "set" and "crash_worker"
+    action = "fill"               # fill | write | free | pin | touch | exit | set | crash_worker
     start = 0                     # first page: index or byte offset string; default 0
     count = 65536                 # pages or size string; default: to the end of guest RAM
     sample = 1000                 # optional: that many pages drawn at random from the range
@@ -44,6 +44,21 @@ strings such as "4GiB", "512MiB", "64KiB", converted with the page size)::
     fail = 0.05                   # free: fraction of pages with a bad slot (release fails)
     knob = "run"                  # set: canonical knob name ...
     value = 0                     # ... and its value (set only: an integer)
+    worker = "spthrd_1"           # crash_worker: the thread that dies (default spthrd_1)
+
+The kernel's own failure modes (kernel/pone.md, "Failure modes of the kernel itself"):
+
+- ``pin`` frees pages like ``free`` (same fields but ``fail``), and the pages also hold an extra
+  reference (pinned, e.g. by I/O): their release fails in every base cycle from then on
+  (``virt page merge count err`` +N each cycle, a ``reclaim_release`` record with status
+  ``failed`` per run of pages each cycle) until the guest writes them again.
+- ``crash_worker`` (no vm): the worker thread dies (an Oops, as from a negative pool id in a
+  mark). It leaves the ``workers`` counters group. The emulated host has 2 vCPUs, so one worker,
+  ``spthrd_1``, does all the write-protect, insert, merge and release work: from then on the daemon
+  still finds pages and queues them (``slice deamon find volatile cnt`` and ``slice deamon fine
+  watch cnt`` keep rising, the same pages found again every cycle) but nothing is served
+  (``slice out que cnt`` stops; no merges, no releases). ``spthrd_divide`` may be named too
+  (it leaves the group; nothing else changes: the emulator does not model cluster splitting).
 """
 
 from __future__ import annotations
@@ -60,7 +75,8 @@ from ..paths import page_size as host_page_size
 
 QEMU_COMM = "qemu-system-x86"
 DIALECTS = ("guide", "virt_release")
-ACTIONS = ("fill", "write", "free", "touch", "exit", "set")
+ACTIONS = ("fill", "write", "free", "pin", "touch", "exit", "set", "crash_worker")
+CRASHABLE_WORKERS = ("spthrd_1", "spthrd_divide")
 PATTERNS = ("zero", "identical", "unique", "sampled", "increment", "mix")
 MIX_PATTERNS = ("zero", "identical", "unique", "sampled")
 ONLY = ("any", "present", "merged", "released")
@@ -120,6 +136,7 @@ class Step:
     mix: dict[str, float] = field(default_factory=dict)
     fail: float = 0.0
     knob: str | None = None
+    worker: str | None = None  # crash_worker
     index: int = 0  # position in the file, for messages
 
 
@@ -205,7 +222,7 @@ _TOP = {"name", "description", "dialect", "scan_period", "duration", "page_size"
         "vm", "step", "seed"}
 _VM = {"name", "comm", "memory", "pages", "start", "pid"}
 _STEP = {"at", "vm", "action", "start", "count", "sample", "only", "pattern", "value",
-         "distinct", "mix", "fail", "knob"}
+         "distinct", "mix", "fail", "knob", "worker"}
 
 
 def parse_scenario(data: dict[str, Any], where: str = "<scenario>", name: str | None = None,
@@ -279,6 +296,18 @@ def parse_scenario(data: dict[str, Any], where: str = "<scenario>", name: str | 
             st.value = ctx.get(t, "value", p + "value", int, required=True)
             steps.append(st)
             continue
+        if "worker" in t and action != "crash_worker":
+            raise ctx.err(p + "worker", f"not a field of action {action!r}")
+        if action == "crash_worker":
+            for k in t:
+                if k not in ("at", "action", "worker"):
+                    raise ctx.err(p + k, "not a field of action 'crash_worker'")
+            st.worker = ctx.get(t, "worker", p + "worker", str, default="spthrd_1")
+            if st.worker not in CRASHABLE_WORKERS:
+                raise ctx.err(p + "worker", f"unknown worker {st.worker!r} (one of "
+                                            f"{', '.join(CRASHABLE_WORKERS)})")
+            steps.append(st)
+            continue
         st.vm = ctx.get(t, "vm", p + "vm", str, required=True)
         vm = by_name.get(st.vm)
         if vm is None:
@@ -305,10 +334,10 @@ def parse_scenario(data: dict[str, Any], where: str = "<scenario>", name: str | 
         st.only = ctx.get(t, "only", p + "only", str, default="released" if action == "touch" else "any")
         if st.only not in ONLY:
             raise ctx.err(p + "only", f"unknown filter {st.only!r} (one of {', '.join(ONLY)})")
-        if action == "free":
-            for k in ("pattern", "value", "distinct", "mix"):
+        if action in ("free", "pin"):
+            for k in ("pattern", "value", "distinct", "mix") + (("fail",) if action == "pin" else ()):
                 if k in t:
-                    raise ctx.err(p + k, "not a field of action 'free'")
+                    raise ctx.err(p + k, f"not a field of action {action!r}")
             st.fail = ctx.number(t, "fail", p + "fail", default=0.0)
             if st.fail > 1:
                 raise ctx.err(p + "fail", f"a fraction 0..1, not {st.fail}")

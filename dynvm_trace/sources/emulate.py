@@ -1,8 +1,9 @@
 """The `emulate` source: an emulated pone host (dynvm_trace.emulator) as a stream of batches.
 
 Runs in simulated time, as fast as it can (speed None / "max") or scaled to real time
-(speed=1.0 is real time). Every batch ends with a `counters` record (group pone_info; for the
-guide dialect also pone_abstract) whose values are exactly what the events emitted so far add
+(speed=1.0 is real time). Every batch ends with `counters` records: group `workers` (the pone
+kernel threads alive, name -> pid, what the pone source polls from /proc), then pone_info (and,
+for the guide dialect, pone_abstract) whose values are exactly what the events emitted so far add
 up to; when a sysfs root is given, the emulated /sys/kernel/mm/pone tree is rewritten after
 every batch with the same counters, and knob files changed by someone else are obeyed.
 
@@ -68,8 +69,11 @@ class EmulateSource(Source):
             for name, value in self.tree.read_changed_knobs().items():
                 host.set_knob(name, value)
 
-    def _counters(self, ts: int, values: dict[str, int]) -> list[dict[str, Any]]:
-        recs = [{"kind": "counters", "ts": ts, "src": SRC, "group": "pone_info",
+    def _counters(self, ts: int, values: dict[str, int],
+                  workers: dict[str, int]) -> list[dict[str, Any]]:
+        recs = [{"kind": "counters", "ts": ts, "src": SRC, "group": "workers",
+                 "values": dict(workers)},
+                {"kind": "counters", "ts": ts, "src": SRC, "group": "pone_info",
                  "values": values}]
         if self.dialect == "guide":
             recs.append({"kind": "counters", "ts": ts, "src": SRC, "group": "pone_abstract",
@@ -85,6 +89,7 @@ class EmulateSource(Source):
         chunks = self.host.run()
         pending: Chunk | None = next(chunks, None)
         snap = self.host.counters_snapshot()
+        workers = dict(self.host.threads)
         now = 0
         wall0 = time.monotonic()
         try:
@@ -93,13 +98,13 @@ class EmulateSource(Source):
                 recs: list[dict[str, Any]] = []
                 while pending is not None and pending.t <= now:
                     if recs and len(recs) + len(pending.records) > BATCH_LIMIT:
-                        yield self._batch(now, recs, snap, split=True)
+                        yield self._batch(now, recs, snap, workers, split=True)
                         recs = []
                     recs.extend(pending.records)
-                    snap = pending.counters
+                    snap, workers = pending.counters, pending.workers
                     pending = next(chunks, None)
                 self._pace(wall0, now)
-                yield self._batch(now, recs, snap, split=False)
+                yield self._batch(now, recs, snap, workers, split=False)
                 if now >= end:
                     break
         finally:
@@ -108,10 +113,10 @@ class EmulateSource(Source):
             self.wall_seconds = time.monotonic() - wall0
 
     def _batch(self, now: int, recs: list[dict[str, Any]], snap: dict[str, int],
-               split: bool) -> Batch:
+               workers: dict[str, int], split: bool) -> Batch:
         last = recs[-1]["ts"] if recs else now
         ts = last if split else max(now, last)
-        recs.extend(self._counters(ts, snap))
+        recs.extend(self._counters(ts, snap, workers))
         if self.tree is not None:
             self._sync_knobs(self.host)
             self.tree.write(snap, self.host.knobs)
