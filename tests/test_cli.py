@@ -365,3 +365,19 @@ def test_doctor_checks_probe_points_against_a_system_map(tmp_path):
     data = json.loads(run(["doctor", "--json", "--system-map", system_map], MERGED).out)
     (probe,) = [c for c in data["pone"] if c["name"] == "probe change_reverse_ref"]
     assert probe["ok"] is False and "merge" in probe["detail"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_top_on_a_terminal_draws_the_live_screen(small_log):
+    env = Environment(stdout=Terminal(), stderr=io.StringIO(), roots=MERGED)
+    code = main(["top", "--source", "replay", "--log", str(small_log), "--speed", "max",
+                 "--interval", "5"], env)
+    assert code == exitcodes.OK
+    screen = env.stdout.getvalue()
+    for text in ("source: replay", "events/s", "pages/s", "cow breaks", "shared now", "vm1",
+                 "4,098", "1,031", "CORRELATION (counters vs events): agrees"):
+        assert text in screen
