@@ -21,13 +21,19 @@ class Check:
 
 
 def pone_source(roots: Roots) -> Check:
+    from .sources.pone import why_unavailable
+    from .symbols import SymbolsUnavailable, read_kallsyms
+    try:
+        symbols = read_kallsyms(roots)
+    except SymbolsUnavailable:
+        symbols = None
+    reason = why_unavailable(roots, symbols)
+    if reason is not None:
+        what, fix, _ = reason
+        return Check("pone", False, what, fix)
     dialect = pone_sysfs.detect_dialect(roots)
-    if dialect is None:
-        return Check("pone", False, f"{roots.pone_dir} not found: this kernel does not have the "
-                     "Dynamic VM page merge patch", "boot the patched host kernel (CONFIG_PONE_MODULE)")
-    return Check("pone", False, f"{roots.pone_dir} found ({dialect} dialect), but live tracing of the "
-                 "pone kernel is not in this version of dynvm-trace",
-                 f"watch its counters with: dynvm-trace status --sysfs-root {roots.sysfs}")
+    return Check("pone", True, f"{roots.pone_dir} ({dialect} dialect), kprobes, bcc and headers "
+                 "present" if dialect else "a ppr guest kernel: reclaim reports traced")
 
 
 def ksm_source(roots: Roots) -> Check:

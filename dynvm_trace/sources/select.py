@@ -52,6 +52,9 @@ def _open(name: str, opts: SourceOptions, roots: Roots, warn) -> Source:
         from .emulate import EmulateSource
         return EmulateSource(load_scenario(opts.scenario), seed=opts.seed, speed=opts.speed,
                              dialect=opts.dialect, sysfs_root=opts.emulated_sysfs)
+    if name == "pone":
+        from .pone import PoneSource
+        return PoneSource(roots, warn=warn)
     check = {"pone": capabilities.pone_source, "ksm": capabilities.ksm_source}[name](roots)
     raise SourceUnavailable(f"{name} source unavailable: {check.detail}"
                             + (f"; {check.fix}" if check.fix else ""), exitcodes.MISSING_FEATURE)
