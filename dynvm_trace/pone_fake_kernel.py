@@ -27,6 +27,7 @@ import numpy as np
 
 from .emulator.scenario import Scenario
 from .paths import Roots
+from .pone_threads import PF_KTHREAD, WORKERS_GROUP
 from .sources import pone as ps
 from .sources.base import Batch
 from .sources.emulate import EmulateSource
@@ -143,6 +144,8 @@ class FakeKernel:
         for rec in records:
             kind = rec["kind"]
             self._now = max(self._now, rec["ts"])
+            if kind == "counters" and rec["group"] == WORKERS_GROUP:
+                self._threads(rec["values"])
             if kind == "vm_exit":  # the released pages it still had: unmapped at exit
                 self._count("released_unmapped", rec.get("released", 0))
             needs = NEEDS.get(kind)
@@ -171,6 +174,20 @@ class FakeKernel:
             arr = arr[:room]
         self._pending += len(arr)
         self._raw.append(arr)
+
+    def _threads(self, workers: dict[str, int]) -> None:
+        """The emulated pone kernel threads as /proc/PID/stat files of kernel threads, so the
+        source lists them the way it does on a host (a crashed worker's directory goes)."""
+        for name, pid in workers.items():
+            d = self.roots.proc / str(pid)
+            d.mkdir(exist_ok=True)
+            (d / "stat").write_text(f"{pid} ({name}) S 2 0 0 0 -1 {PF_KTHREAD} 0 0 0 0\n")
+        alive = {str(pid) for pid in workers.values()}
+        for d in self.roots.proc.iterdir():
+            if d.name.isdigit() and (d / "stat").exists() and d.name not in alive:
+                (d / "stat").unlink()
+                if not any(d.iterdir()):
+                    d.rmdir()
 
     def _count(self, name: str, n: int) -> None:
         self._counts[ps.C[name]] += n

@@ -419,3 +419,18 @@ def test_unavailable_without_headers(pone_host, monkeypatch, tmp_path):
     monkeypatch.setattr(ps, "headers_dir", lambda: tmp_path / "no-headers")
     e = _unavailable(pone_host)
     assert e.exit_code == exitcodes.MISSING_FEATURE and "no-headers missing" in str(e)
+
+
+def test_a_crashed_worker_is_seen_in_proc_and_raised_as_an_alert(tmp_path):
+    from dynvm_trace.alerts import Alerts
+    src, kernel, batches, _ = _pone_run(tmp_path, scenario="failures")
+    workers = [r["values"] for b in batches for r in b
+               if r["kind"] == "counters" and r["group"] == "workers"]
+    assert set(workers[0]) == {"spdeamon", "spthrd_1", "spthrd_divide"}
+    assert set(workers[-1]) == {"spdeamon", "spthrd_divide"}
+    alerts = Alerts()
+    for b in batches:
+        alerts.feed(b)
+    raised = {a["alert"]: a for a in alerts.snapshot()}
+    assert raised["worker_gone"]["worker"] == "spthrd_1"
+    assert "worker_stalled" in raised

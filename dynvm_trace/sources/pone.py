@@ -33,6 +33,7 @@ import numpy as np
 from .. import exitcodes, pone_probes, pone_sysfs
 from ..logfile import make_header
 from ..paths import Roots, page_size
+from ..pone_threads import list_pone_threads, workers_record
 from ..procfs import read_comm
 from ..symbols import SymbolsUnavailable, SymbolTable, read_kallsyms
 from ..vms import PONE_COMM, vm_name
@@ -467,6 +468,7 @@ class PoneSource(Source):
             self.warn(f"unavailable on this kernel: {', '.join(self.plan.unavailable)}")
         self._anchor = self.kernel.anchor()
         self._who_cache: dict[int, dict[str, Any]] = {}
+        self._workers_seen = False  # spthrd_*/spdeamon threads were listed once
         self._held: list[dict[str, Any]] = []
 
     def header(self) -> dict[str, Any]:
@@ -505,6 +507,10 @@ class PoneSource(Source):
                          "values": snap.abstract})
         recs.append({"kind": "counters", "ts": ts, "src": SRC, "group": "pone_probes",
                      "values": dict(zip(COUNTERS, counts))})
+        threads = list_pone_threads(self.roots.proc)
+        if threads or self._workers_seen:  # the alerts see a worker that is gone
+            self._workers_seen = True
+            recs.insert(0, workers_record(ts, SRC, threads))
         return recs
 
     def _snapshot(self) -> tuple[int, list[dict[str, Any]]]:
