@@ -15,6 +15,7 @@ from . import pone_probes as pp
 from . import pone_sysfs
 from .capabilities import Check
 from .paths import Roots
+from .pone_threads import list_pone_threads
 from .symbols import SymbolsUnavailable, SymbolTable, load_symbols
 
 THP_ENABLED = ("kernel", "mm", "transparent_hugepage", "enabled")
@@ -230,6 +231,22 @@ def detect_side(roots: Roots, symbols: SymbolTable | None) -> str:
     return pp.HOST
 
 
+def check_threads(roots: Roots) -> Check:
+    """The scan daemon and at least one worker alive (pone.md "Threads"; a worker killed by an
+    Oops is gone for good and its queue is never served again)."""
+    threads = list_pone_threads(roots.proc)
+    names = [t.name for t in threads]
+    missing = [n for n, ok in (("spdeamon", "spdeamon" in names),
+                               ("a spthrd_<cpu> worker", any(t.is_worker for t in threads))) if not ok]
+    listed = ", ".join(f"{t.name} (pid {t.pid}, {t.state})" for t in threads) or "none"
+    if missing:
+        return Check("pone threads", False, f"{' and '.join(missing)} not running (found: {listed}): "
+                     "pages queued to a dead worker are never merged or released",
+                     "look for an Oops in dmesg (a worker killed by guest page content); only a "
+                     "reboot brings a worker back")
+    return Check("pone threads", True, listed)
+
+
 def pone_checks(roots: Roots, symbols: SymbolTable | None, *, symbols_reason: str = "",
                 dev: Path = Path("/dev"), side: str | None = None) -> list[Check]:
     """The installation checks of the side (detected unless given), then the symbol table
@@ -237,7 +254,10 @@ def pone_checks(roots: Roots, symbols: SymbolTable | None, *, symbols_reason: st
     side = side or detect_side(roots, symbols)
     checks: list[Check] = []
     if side == pp.HOST:
-        checks += [check_pone_kernel(roots), check_thp(roots), check_kvm(dev), check_ksm(roots)]
+        checks.append(check_pone_kernel(roots))
+        if pone_sysfs.detect_dialect(roots) is not None:
+            checks.append(check_threads(roots))
+        checks += [check_thp(roots), check_kvm(dev), check_ksm(roots)]
         note = info_leak_note(roots, symbols)
         if note is not None:
             checks.append(note)

@@ -43,7 +43,16 @@ def host_tree(tmp_path: Path, **override: str | None) -> tuple[Roots, Path]:
         files[k if "/" in k else PONE + k] = v
     root = write_tree(tmp_path / "sys", {k: v for k, v in files.items() if v is not None})
     dev = write_tree(tmp_path / "dev", {"kvm": ""})
+    write_tree(tmp_path / "proc", THREADS)
     return Roots(root, tmp_path / "proc"), dev
+
+
+def kthread(pid: int, name: str, flags: int = 0x00208040) -> dict[str, str]:
+    return {f"{pid}/stat": f"{pid} ({name}) S 2 0 0 0 -1 {flags} 0 0 0 0\n"}
+
+
+# the threads pone.md saw at boot with 2 vCPUs
+THREADS = {**kthread(411, "spthrd_1"), **kthread(412, "spthrd_divide"), **kthread(413, "spdeamon")}
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:
@@ -75,7 +84,7 @@ def test_healthy_host(tmp_path, kallsyms):
     checks = pd.pone_checks(roots, kallsyms, dev=dev)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert [c.name for c in checks] == (
-        ["pone kernel", "transparent huge pages", "kvm", "ksm off", "ppr info leak",
+        ["pone kernel", "pone threads", "transparent huge pages", "kvm", "ksm off", "ppr info leak",
          "kernel symbols", "probe points (host)"]
         + [f"probe {p.symbol}" for p in pp.PROBE_POINTS if p.side == pp.HOST]
         + ["trap process_slice_check", "trap rmap_walk_pone_anon"])
@@ -221,7 +230,7 @@ def test_side_effect_files_never_read(tmp_path, kallsyms, monkeypatch):
 
     monkeypatch.setattr(Path, "read_text", spy)
     pd.pone_checks(roots, kallsyms, dev=dev)
-    assert read == ["pone_run", "enabled", "run"]
+    assert read == ["pone_run", "stat", "stat", "stat", "enabled", "run"]
     assert not set(read) & (pone_sysfs.SIDE_EFFECT_FILES | {pone_sysfs.STAT_END_FILE})
 
 
@@ -277,6 +286,20 @@ def test_doctor_loads_kallsyms_or_says_why(tmp_path):
     assert c["kernel symbols"].detail.startswith(f"no symbol table: {tmp_path}/proc/kallsyms: ")
     write_tree(tmp_path / "proc", {"kallsyms": KALLSYMS.read_text()})
     checks = pd.doctor(roots, dev=dev)
-    assert all(x.ok for x in checks) and len(checks) == 25
+    assert all(x.ok for x in checks) and len(checks) == 26
     c = by_name(pd.doctor(roots, dev=dev, system_map=KALLSYMS))
     assert c["kernel symbols"].detail == f"system.map {KALLSYMS}: 515 symbols (382 text)"
+
+
+def test_pone_threads_alive_and_a_dead_worker(tmp_path):
+    roots, _ = host_tree(tmp_path)
+    write_tree(roots.proc, kthread(900, "spthrd_3", flags=0))  # a user process renamed: ignored
+    ok = pd.check_threads(roots)
+    assert ok.ok and ok.detail == ("spthrd_1 (pid 411, S), spthrd_divide (pid 412, S), "
+                                   "spdeamon (pid 413, S)")
+    (roots.proc / "411" / "stat").unlink()
+    dead = pd.check_threads(roots)
+    assert not dead.ok
+    assert dead.detail.startswith("a spthrd_<cpu> worker not running (found: spthrd_divide "
+                                  "(pid 412, S), spdeamon (pid 413, S))")
+    assert "Oops" in dead.fix
