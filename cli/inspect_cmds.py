@@ -7,7 +7,7 @@ import json
 import click
 from rich.table import Table
 
-from dynvm_trace import capabilities, exitcodes, ksm_sysfs, procfs, vms
+from dynvm_trace import bpf_host, capabilities, exitcodes, ksm_sysfs, procfs, vms
 from dynvm_trace.environment import Environment
 from dynvm_trace.knobs import list_knobs, set_knob
 from dynvm_trace.paths import page_size
@@ -28,13 +28,20 @@ def doctor(env: Environment, as_json: bool) -> int:
     """What this host can trace, and for what it cannot, what is missing and the fix."""
     checks = capabilities.source_checks(env.roots)
     auto = next(c.name for c in checks if c.ok)
+    requirements = bpf_host.requirement_checks(env.roots)
     if as_json:
-        _print_json(env, {"auto": auto, "sources": [c.as_dict() for c in checks]})
+        _print_json(env, {"auto": auto, "sources": [c.as_dict() for c in checks],
+                          "live_tracing": [c.as_dict() for c in requirements]})
         return exitcodes.OK
     for c in checks:
         env.out(f"{'ok' if c.ok else 'no':<3} {c.name:<8} {c.detail}")
         if not c.ok and c.fix:
             env.out(f"{'':12} fix: {c.fix}")
+    env.out("live tracing needs:")
+    for c in requirements:
+        env.out(f"  {'ok' if c.ok else 'no':<3} {c.name}: {c.detail}")
+        if not c.ok and c.fix:
+            env.out(f"  {'':4}fix: {c.fix}")
     env.out(f"--source auto picks: {auto}")
     return exitcodes.OK
 

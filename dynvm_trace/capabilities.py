@@ -34,8 +34,15 @@ def ksm_source(roots: Roots) -> Check:
     if not roots.ksm_dir.is_dir():
         return Check("ksm", False, f"{roots.ksm_dir} not found: this kernel has no KSM",
                      "use a kernel built with CONFIG_KSM")
-    return Check("ksm", False, "KSM is present, but live tracing of stock kernels is not in this "
-                 "version of dynvm-trace", "dynvm-trace status shows the KSM counters meanwhile")
+    if not roots.is_live:
+        return Check("ksm", False, f"{roots.sysfs} is not the running kernel's /sys: live "
+                     "tracing needs the real one", "drop --sysfs-root/--proc-root")
+    from .bpf_host import ksm_blockers
+    blockers = ksm_blockers(roots)
+    if blockers:
+        return Check("ksm", False, "; ".join(f"{c.name}: {c.detail}" for c in blockers),
+                     next((c.fix for c in blockers if c.fix), ""))
+    return Check("ksm", True, "KSM with ksm:* tracepoints, BPF and bcc: live tracing")
 
 
 def emulate_source() -> Check:
