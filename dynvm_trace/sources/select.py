@@ -21,6 +21,7 @@ class SourceOptions:
     speed: float | None = None  # None: as fast as possible
     dialect: str | None = None  # emulate: override the scenario's pone dialect
     emulated_sysfs: Path | None = None  # emulate: where to write the emulated sysfs tree
+    pids: tuple[int, ...] = ()  # ksm: processes to track besides those in KSM and qemu
 
 
 def open_source(opts: SourceOptions, roots: Roots, warn=None) -> tuple[Source, str]:
@@ -52,6 +53,9 @@ def _open(name: str, opts: SourceOptions, roots: Roots, warn) -> Source:
         from .emulate import EmulateSource
         return EmulateSource(load_scenario(opts.scenario), seed=opts.seed, speed=opts.speed,
                              dialect=opts.dialect, sysfs_root=opts.emulated_sysfs)
+    if name == "ksm":
+        from .ksm import KsmSource
+        return KsmSource(roots, pids=opts.pids, warn=warn)
     check = {"pone": capabilities.pone_source, "ksm": capabilities.ksm_source}[name](roots)
     raise SourceUnavailable(f"{name} source unavailable: {check.detail}"
                             + (f"; {check.fix}" if check.fix else ""), exitcodes.MISSING_FEATURE)
