@@ -68,7 +68,10 @@ def run_to_log(env: Environment, source: Source, interval: float, duration: floa
     consumers = [progress]
     writer = LogWriter(output, source.header()) if output else None
     if writer:
-        consumers.insert(0, lambda batch: writer.write(batch.records))
+        def write(batch: Batch) -> None:
+            writer.write(batch.records)
+            writer.flush()  # every interval is on disk: a killed recorder loses at most one
+        consumers.insert(0, write)
     try:
         with stop_on_sigint(source) as interrupted:
             drive(source, int(interval * NS), None if duration is None else int(duration * NS), consumers)
