@@ -24,7 +24,9 @@ def main() -> None:
     ps = mmap.PAGESIZE
     mem = mmap.mmap(-1, n * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mem.madvise(mmap.MADV_NOHUGEPAGE)
-    mem.write(bytes([FILL]) * (n * ps))
+    page = bytes([FILL]) * ps
+    for _ in range(n):  # a page at a time: no n-page temporary
+        mem.write(page)
     mem.madvise(mmap.MADV_MERGEABLE)
     print(f"ready {os.getpid()} {n}", flush=True)
     salt = 0
