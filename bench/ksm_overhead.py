@@ -76,7 +76,7 @@ class Tracer:
         elif kind == "record":
             self.log = tmp / "bench.jsonl"
             self.proc = subprocess.Popen([dynvm, "record", "--source", "ksm", "-o", str(self.log)],
-                                         stderr=subprocess.DEVNULL, preexec_fn=_default_sigint)
+                                         stderr=open(tmp / "record.err", "w"), preexec_fn=_default_sigint)
             wait(lambda: self.log.exists() and self.log.read_text().count("\n") >= 2, 60, "record")
         elif kind == "bpftrace":
             self.proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE], stdout=subprocess.PIPE,
@@ -110,7 +110,8 @@ class Tracer:
                     elif '"kind":"lost"' in line:
                         lost += json.loads(line)["count"]
             self.log.unlink()
-            return {"merge_events": merges, "lost": lost}
+            return {"merge_events": merges, "lost": lost,
+                    "stderr": (self.tmp / "record.err").read_text().strip().splitlines()[-3:]}
         if self.kind == "bpftrace":
             m = re.search(r"@merges: (\d+)", out)
             return {"merge_events": int(m.group(1)) if m else None}

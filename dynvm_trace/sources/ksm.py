@@ -97,13 +97,14 @@ def in_ksm(stat: dict[str, Any] | None) -> bool:
 def initial_pids(roots: Roots, extra: tuple[int, ...] = ()) -> set[int]:
     """Processes to track from the start: in KSM already, qemu, or asked for."""
     pids = set(extra) | {vm.pid for vm in vms.discover(roots)}
-    for pid in list_pids(roots):
-        try:
-            if in_ksm(read_ksm_stat(roots, pid)):
-                pids.add(pid)
-        except OSError:
-            continue
-    return pids
+    return pids | {pid for pid in list_pids(roots) if in_ksm(_stat_or_none(roots, pid))}
+
+
+def _stat_or_none(roots: Roots, pid: int) -> dict[str, Any] | None:
+    try:
+        return read_ksm_stat(roots, pid)
+    except OSError:
+        return None
 
 
 class KsmSource(Source):
@@ -129,6 +130,11 @@ class KsmSource(Source):
         for tp in bpf_host.TRACEPOINTS:
             if tp.path not in self.tracepoints:
                 self.warn(f"tracepoint {tp.path} unusable here: no {tp.needed_for}")
+        start_pids = initial_pids(roots, pids)
+        # mmap_lock fires on every lock of every mm (ksmd's included): attach it only when a
+        # process was in KSM before we started, whose mm we must learn.
+        if not any(in_ksm(_stat_or_none(roots, pid)) for pid in start_pids):
+            self.tracepoints.discard("mmap_lock:mmap_lock_start_locking")
         bcc = bpf_host.import_bcc()
         self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
             self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages))
@@ -139,7 +145,7 @@ class KsmSource(Source):
         self._comms: dict[int, str] = {}
         self._vm_names = {vm.pid: vm.name for vm in vms.discover(roots)}
         self.tracked: set[int] = set()
-        self._track(initial_pids(roots, pids))
+        self._track(start_pids)
         self._held: list[dict[str, Any]] = []
         self._last_dropped = 0
 
@@ -311,6 +317,9 @@ class KsmSource(Source):
             if end is not None and ts >= end:
                 break
             next_at += interval_ns
+        if self._held:  # events after the last snapshot: still part of the log
+            held, self._held = self._held, []
+            yield Batch(held[-1]["ts"], held)
 
     def close(self) -> None:
         bpf = getattr(self, "bpf", None)
