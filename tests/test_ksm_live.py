@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ N, M, K, J = 4099, 1031, 257, 127  # pages merged, COW-broken, released, refault
 WORKLOAD = Path(__file__).with_name("ksm_workload.py")
 KSM = Path("/sys/kernel/mm/ksm")
 FAST = {"pages_to_scan": "5000", "sleep_millisecs": "10", "run": "1"}
+BURST = 262144  # 1 GiB of identical pages: ~250 k merge events/s with BURST_KSM
+BURST_KSM = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
 TIMEOUT = 60.0
 INTERVAL = "0.2"
 
@@ -45,17 +48,25 @@ def live() -> None:
         pytest.skip(f"ksm source unavailable here: {check.detail}")
 
 
-@pytest.fixture
-def fast_ksm(live) -> Iterator[None]:
-    """KSM scanning fast; every knob changed is put back, whatever happens."""
-    saved = {name: (KSM / name).read_text().strip() for name in FAST}
+@contextmanager
+def ksm_knobs(values: dict[str, str]) -> Iterator[None]:
+    """KSM knobs set to `values`; every knob changed is put back, whatever happens ("run"
+    last on the way in, first on the way out)."""
+    saved = {name: (KSM / name).read_text().strip() for name in values}
     try:
-        for name, value in FAST.items():
+        for name, value in values.items():
             (KSM / name).write_text(value)
         yield
     finally:
-        for name in ("run", "pages_to_scan", "sleep_millisecs"):
+        for name in ("run", *(n for n in values if n != "run")):
             (KSM / name).write_text(saved[name])
+
+
+@pytest.fixture
+def fast_ksm(live) -> Iterator[None]:
+    """KSM scanning fast, restored afterwards."""
+    with ksm_knobs(FAST):
+        yield
 
 
 def ksm_value(name: str) -> int:
@@ -193,3 +204,48 @@ def test_trace_json_lines_while_merging(fast_ksm):
     merges = [r for r in recs if r["kind"] == "merge" and r.get("pid") == work.pid]
     assert len(merges) == pages
     assert {r["into"] for r in merges} <= {"new", "existing"}
+
+
+def test_burst_every_merge_logged_when_stopped_mid_burst(live, tmp_path):
+    """A 1 GiB merge burst, the recorder (1 s interval) stopped by SIGINT the moment the kernel
+    has merged the last page, while it is still taking in and writing the burst: every merge
+    the kernel made is in the log (= the in-kernel counter = the rise of pages_shared +
+    pages_sharing), none lost, and the last counter snapshot comes after the last merge."""
+    log = tmp_path / "burst.jsonl"
+    with ksm_knobs(BURST_KSM):
+        recorder = dynvm("record", "--source", "ksm", "-o", str(log), stderr=subprocess.PIPE,
+                         text=True)
+        work = None
+        try:
+            wait_for(f"{log} to start", lambda: log.exists() and log.read_text().count("\n") >= 2
+                     or recorder.poll() is not None)
+            assert recorder.poll() is None, recorder.stderr.read()
+            work = Workload(BURST)
+            wait_for(f"{BURST} pages merged", lambda: work.merging_pages() == BURST, 120)
+            err = stop(recorder)  # the workload lives on: nothing unmerges until the end
+        finally:
+            if recorder.poll() is None:
+                recorder.kill()
+            if work is not None:
+                work.close()
+    assert "stopped by signal; the log is complete" in err, err
+
+    _, recs = records(log)
+    kinds = Counter(r["kind"] for r in recs)
+    mine = sum(1 for r in recs if r["kind"] == "merge" and r.get("pid") == work.pid)
+    probes = [r["values"] for r in recs if r.get("group") == "ksm_probes"]
+    ksm = [r["values"] for r in recs if r.get("group") == "ksm"]
+
+    def merged(v: dict) -> int:
+        return v["merge_new"] + v["merge_existing"] + v["merge_zero"]
+
+    assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+    assert probes[-1]["dropped"] == 0
+    assert mine == BURST, kinds
+    assert kinds["merge"] == merged(probes[-1]) - merged(probes[0]), (kinds, probes[-1])
+    assert kinds["unmerge"] == probes[-1]["unmerge"] - probes[0]["unmerge"], (kinds, probes[-1])
+    sharing = [v["pages_shared"] + v["pages_sharing"] for v in ksm]
+    assert sharing[-1] - sharing[0] == kinds["merge"] - kinds["unmerge"], (sharing, kinds)
+    last_merge = max(i for i, r in enumerate(recs) if r["kind"] == "merge")
+    last_probes = max(i for i, r in enumerate(recs) if r.get("group") == "ksm_probes")
+    assert last_probes > last_merge

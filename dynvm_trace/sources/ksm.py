@@ -56,6 +56,11 @@ VMSTAT_KEYS = ("cow_ksm", "ksm_swpin_copy")
 SNAPSHOT_GUARD_NS = 2_000_000
 SNAPSHOT_RETRIES = 10
 POLL_S = 0.02
+# Records taken from the ring buffer per consume call. libbpf's consume loops until the ring is
+# empty, which never happens while events arrive faster than Python takes them: the callback
+# ends a call after this many, so snapshots stay on time and a backlog stays in the kernel's
+# ring (where overruns are counted) instead of in this process's memory.
+CONSUME_BUDGET = 16384
 MAX_PROCS = 65536
 MAX_CHUNKS = 1 << 18  # 2 MiB chunks per page set: 512 GiB of tracked guest RAM
 MAX_RELEASE_CHUNKS = 32  # a discard marks at most 64 MiB for refault tracking
@@ -139,6 +144,7 @@ class KsmSource(Source):
         self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
             self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages))
         self._raw: list[bytes] = []
+        self._taken = 0  # records taken by the current consume call
         if stream:
             self.bpf["events"].open_ring_buffer(self._on_event)
         self.anchor = (time.monotonic_ns(), time.time_ns())
@@ -151,8 +157,26 @@ class KsmSource(Source):
 
     # -- kernel side --------------------------------------------------------------------------
 
-    def _on_event(self, ctx, data, size) -> None:  # noqa: ARG002 - bcc's callback signature
+    def _on_event(self, ctx, data, size) -> int:  # noqa: ARG002 - bcc's callback signature
         self._raw.append(ctypes.string_at(data, size))
+        self._taken += 1
+        return -1 if self._taken >= CONSUME_BUDGET else 0  # < 0: libbpf ends this consume
+
+    def _consume(self) -> bool:
+        """One bounded consume of the ring buffer; whether it stopped at the budget (more
+        records may be waiting)."""
+        if not self.stream:
+            return False
+        self._taken = 0
+        self.bpf.ring_buffer_consume()
+        return self._taken >= CONSUME_BUDGET
+
+    def _drain(self, until_ns: int | None = None) -> None:
+        """Take records from the ring buffer until it is empty or, with until_ns, until one
+        newer than until_ns has been taken (the ring is in reservation order)."""
+        while self._consume():
+            if until_ns is not None and int.from_bytes(self._raw[-1][:8], "little") > until_ns:
+                return
 
     def _track(self, pids: set[int]) -> None:
         table = self.bpf["tracked"]
@@ -279,8 +303,7 @@ class KsmSource(Source):
             counts = self.kernel_counts()
             counters = self._counters(ts, counts)
             after = time.monotonic_ns()
-            if self.stream:
-                self.bpf.ring_buffer_consume()
+            self._drain(until_ns=after + SNAPSHOT_GUARD_NS)
             self._held.extend(self._decode())
             if not any(ts - SNAPSHOT_GUARD_NS <= r["ts"] <= after for r in self._held):
                 break
@@ -305,18 +328,25 @@ class KsmSource(Source):
         yield Batch(start, records)
         next_at = start + interval_ns
         end = None if duration_ns is None else start + duration_ns
-        while not self.stopped:
+        while True:
             due = next_at if end is None else min(next_at, end)
             while not self.stopped and time.monotonic_ns() < due:
-                time.sleep(min(POLL_S, max(0.0, (due - time.monotonic_ns()) / 1e9)))
-                if self.stream:
-                    self.bpf.ring_buffer_consume()
+                if not self._consume():  # at the budget: more is waiting, no sleep
+                    time.sleep(min(POLL_S, max(0.0, (due - time.monotonic_ns()) / 1e9)))
+            last = self.stopped or (end is not None and time.monotonic_ns() >= end)
+            if last:
+                # Stopping (a signal may have come at any point, also while the previous
+                # batch was being written): everything the kernel wrote until now goes into
+                # the log, and the last counter snapshot is taken after it.
+                self._drain(until_ns=time.monotonic_ns())
             self._refresh_tracked()
             ts, records = self._snapshot()
             yield Batch(ts, records)
-            if end is not None and ts >= end:
+            if last:
                 break
             next_at += interval_ns
+        self._drain(until_ns=time.monotonic_ns())
+        self._held.extend(self._decode())
         if self._held:  # events after the last snapshot: still part of the log
             held, self._held = self._held, []
             yield Batch(held[-1]["ts"], held)
