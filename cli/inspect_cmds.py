@@ -27,22 +27,29 @@ def _print_json(env: Environment, data) -> None:
 def doctor(env: Environment, as_json: bool) -> int:
     """What this host can trace, and for what it cannot, what is missing and the fix."""
     checks = capabilities.source_checks(env.roots)
-    auto = next(c.name for c in checks if c.ok)
+    auto, passed_over = capabilities.auto_source(env.roots, checks)
+    workload = capabilities.ksm_workload(env.roots)
     requirements = bpf_host.requirement_checks(env.roots)
     if as_json:
-        _print_json(env, {"auto": auto, "sources": [c.as_dict() for c in checks],
+        _print_json(env, {"auto": auto, "auto_passed_over": passed_over,
+                          "sources": [c.as_dict() for c in checks],
+                          "ksm_workload": workload.as_dict(),
                           "live_tracing": [c.as_dict() for c in requirements]})
         return exitcodes.OK
     for c in checks:
         env.out(f"{'ok' if c.ok else 'no':<3} {c.name:<8} {c.detail}")
         if not c.ok and c.fix:
             env.out(f"{'':12} fix: {c.fix}")
+        if c.name == "ksm":  # what there is to watch decides whether auto picks ksm
+            env.out(f"{'':12} to watch: " + (workload.detail if workload.ok
+                                                   else f"nothing ({workload.detail})"))
     env.out("live tracing needs:")
     for c in requirements:
         env.out(f"  {'ok' if c.ok else 'no':<3} {c.name}: {c.detail}")
         if not c.ok and c.fix:
             env.out(f"  {'':4}fix: {c.fix}")
-    env.out(f"--source auto picks: {auto}")
+    env.out(f"--source auto picks: {auto}"
+            + (f" (passed over: {'; '.join(passed_over)})" if passed_over else ""))
     return exitcodes.OK
 
 

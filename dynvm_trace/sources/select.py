@@ -30,15 +30,10 @@ def open_source(opts: SourceOptions, roots: Roots, warn=None) -> tuple[Source, s
     if name == "auto":
         if opts.log is not None:
             return _open("replay", opts, roots, warn), f"source: replay of {opts.log} (--log given)"
-        unavailable = []
-        for check in capabilities.source_checks(roots):
-            if check.name == "replay":
-                continue
-            if check.ok:
-                why = "; ".join(unavailable)
-                return (_open(check.name, opts, roots, warn),
-                        f"source: {check.name}" + (f" (no live source here: {why})" if why else ""))
-            unavailable.append(f"{check.name}: {check.detail}")
+        pick, passed_over = capabilities.auto_source(roots)
+        label = "emulate, the emulated host" if pick == "emulate" else pick
+        why = "; ".join(passed_over)
+        return _open(pick, opts, roots, warn), f"source: {label}" + (f" ({why})" if why else "")
     return _open(name, opts, roots, warn), f"source: {name}"
 
 
