@@ -65,10 +65,10 @@ def parse_format_fields(text: str) -> list[str]:
     names = []
     for line in text.splitlines():
         m = _FIELD.match(line)
-        if m is None:
+        if m is None or not m.group("decl").split():
             continue
         name = re.sub(r"\[.*\]$", "", m.group("decl").split()[-1]).lstrip("*")
-        if not name.startswith("common_"):
+        if name and not name.startswith("common_"):
             names.append(name)
     return names
 
@@ -116,7 +116,7 @@ def _effective_caps(roots: Roots) -> int:
         for line in roots.procfs("self", "status").read_text().splitlines():
             if line.startswith("CapEff:"):
                 return int(line.split()[1], 16)
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         pass
     return 0
 

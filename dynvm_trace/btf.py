@@ -27,20 +27,37 @@ def member_offset(data: bytes, struct_name: str, member: str) -> int | None:
     magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
     if magic != MAGIC:
         raise BTFError(f"bad magic {magic:#x}")
-    type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
+    type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
     types = hdr_len + type_off
     strings = hdr_len + str_off
+    if hdr_len < 24 or types + type_len > len(data) or strings + str_len > len(data):
+        raise BTFError(f"truncated: the header describes {max(types + type_len, strings + str_len)}"
+                       f" bytes, the blob has {len(data)}")
+    try:
+        return _find_member(data, types, type_len, strings, strings + str_len, struct_name,
+                            member)
+    except (struct.error, ValueError) as e:  # a type record or a name runs off its section
+        raise BTFError(f"garbled type section: {e}") from None
 
+
+def _find_member(data: bytes, types: int, type_len: int, strings: int, strings_end: int,
+                 struct_name: str, member: str) -> int | None:
     def name(off: int) -> str:
-        end = data.index(b"\0", strings + off)
+        if strings + off >= strings_end:
+            raise ValueError(f"name offset {off} past the string section")
+        end = data.index(b"\0", strings + off, strings_end)
         return data[strings + off:end].decode(errors="replace")
 
     pos, end = types, types + type_len
     while pos < end:
+        if pos + 12 > end:
+            raise ValueError(f"a type record at {pos} runs past the type section")
         name_off, info, _size = struct.unpack_from("<III", data, pos)
         pos += 12
         kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
         if kind == _STRUCT and name(name_off) == struct_name:
+            if pos + 12 * vlen > end:
+                raise ValueError(f"struct {struct_name}'s members run past the type section")
             for i in range(vlen):
                 m_name, _m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
                 if name(m_name) == member:
