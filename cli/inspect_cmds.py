@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dynvm_trace import capabilities, exitcodes, ksm_sysfs, pone_doctor, procfs, vms
+from dynvm_trace import bpf_host, capabilities, exitcodes, ksm_sysfs, pone_doctor, procfs, vms
 from dynvm_trace.environment import Environment
 from dynvm_trace.knobs import list_knobs, set_knob
 from dynvm_trace.paths import page_size
@@ -21,12 +21,12 @@ def _print_json(env: Environment, data) -> None:
     env.out(json.dumps(data, indent=2, sort_keys=False))
 
 
-def _print_checks(env: Environment, checks: list[capabilities.Check]) -> None:
+def _print_checks(env: Environment, checks: list[capabilities.Check], indent: str = "") -> None:
     width = max(len(c.name) for c in checks)
     for c in checks:
-        env.out(f"{'ok' if c.ok else 'no':<3} {c.name:<{width}}  {c.detail}")
+        env.out(f"{indent}{'ok' if c.ok else 'no':<3} {c.name:<{width}}  {c.detail}")
         if not c.ok and c.fix:
-            env.out(f"{'':{width + 4}}  fix: {c.fix}")
+            env.out(f"{indent}{'':{width + 4}}  fix: {c.fix}")
 
 
 @click.command()
@@ -44,17 +44,26 @@ def doctor(env: Environment, as_json: bool, for_source: str, system_map: Path | 
            vmlinux: Path | None) -> int:
     """What this host can trace, and for what it cannot, what is missing and the fix."""
     checks = capabilities.source_checks(env.roots)
-    auto = next(c.name for c in checks if c.ok)
+    auto, passed_over = capabilities.auto_source(env.roots, checks)
+    workload = capabilities.ksm_workload(env.roots)
+    requirements = bpf_host.requirement_checks(env.roots)
     pone = (pone_doctor.doctor(env.roots, system_map=system_map, vmlinux=vmlinux)
             if for_source == "pone" or system_map or vmlinux else None)
     if as_json:
-        data = {"auto": auto, "sources": [c.as_dict() for c in checks]}
+        data = {"auto": auto, "auto_passed_over": passed_over,
+                "sources": [c.as_dict() for c in checks], "ksm_workload": workload.as_dict(),
+                "live_tracing": [c.as_dict() for c in requirements]}
         if pone is not None:
             data["pone"] = [c.as_dict() for c in pone]
         _print_json(env, data)
         return exitcodes.OK
     _print_checks(env, checks)
-    env.out(f"--source auto picks: {auto}")
+    # what there is to watch decides whether auto picks ksm
+    env.out("ksm to watch: " + (workload.detail if workload.ok else f"nothing ({workload.detail})"))
+    env.out("live tracing needs:")
+    _print_checks(env, requirements, indent="  ")
+    env.out(f"--source auto picks: {auto}"
+            + (f" (passed over: {'; '.join(passed_over)})" if passed_over else ""))
     if pone is not None:
         env.out("")
         env.out("pone (the Dynamic VM kernel):")

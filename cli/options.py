@@ -70,10 +70,15 @@ def source_options(default_speed: str):
                       help="emulate: the pone sysfs dialect (default: the scenario's)")
         @click.option("--emulated-sysfs", type=click.Path(file_okay=False, path_type=Path),
                       help="emulate: write the emulated /sys tree here (a sysfs root)")
+        @click.option("--pid", "pids", type=int, multiple=True,
+                      help="ksm: also track this process's COW breaks, discards and refaults "
+                           "(repeat the option)")
         @functools.wraps(f)
-        def wrapper(*args, source, log, scenario, seed, speed, dialect, emulated_sysfs, **kwargs):
+        def wrapper(*args, source, log, scenario, seed, speed, dialect, emulated_sysfs, pids,
+                    **kwargs):
             opts = SourceOptions(source=source, log=log, scenario=scenario, seed=seed,
-                                 speed=speed, dialect=dialect, emulated_sysfs=emulated_sysfs)
+                                 speed=speed, dialect=dialect, emulated_sysfs=emulated_sysfs,
+                                 pids=pids)
             return f(*args, source_opts=opts, **kwargs)
         return wrapper
     return decorate

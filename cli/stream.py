@@ -64,7 +64,8 @@ def run_to_log(env: Environment, source: Source, interval: float, duration: floa
                output: Path | None, label: str) -> int:
     """Drive a source into a log (if given) with a progress line; SIGINT ends it cleanly.
     The alerts derived from the stream (dynvm_trace.alerts) are written into the log as they
-    are raised, and said on stderr."""
+    are raised, and said on stderr. Every interval is flushed: a killed recorder loses at most
+    one."""
     header = source.header()
     progress = Progress(env, label, header["wall_anchor"]["ts"])
     writer = LogWriter(output, header) if output else None
@@ -74,6 +75,7 @@ def run_to_log(env: Environment, source: Source, interval: float, duration: floa
         raised = alerts.feed(batch.records)
         if writer:
             writer.write(interleave(batch.records, raised))
+            writer.flush()
         for a in raised:
             env.warn(alert_note(a))
 

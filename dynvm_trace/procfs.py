@@ -55,5 +55,7 @@ def read_comm(roots: Roots, pid: int) -> str | None:
 
 
 def list_pids(roots: Roots) -> list[int]:
-    """The pids under the proc root, ascending."""
+    """The pids under the proc root, ascending; none when there is no such directory."""
+    if not roots.proc.is_dir():
+        return []
     return sorted(int(p.name) for p in roots.proc.iterdir() if p.name.isdigit())

@@ -36,8 +36,6 @@ def vm_name(cmdline: bytes, pid: int) -> str:
 def discover(roots: Roots) -> list[VM]:
     """qemu processes under the proc root, by pid."""
     found: list[VM] = []
-    if not roots.proc.is_dir():
-        return found
     for pid in list_pids(roots):
         comm = read_comm(roots, pid)
         if comm is None or not is_qemu(comm):

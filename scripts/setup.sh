@@ -33,3 +33,36 @@ if [ ! -e "$stamp" ]; then
     rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+
+# Live tracing (the ksm source): bcc, kernel headers, tracefs. Root only; without root the
+# emulated and replay sources still work.
+if [ "$(id -u)" -ne 0 ]; then
+    say "not root: skipping the live-tracing set-up (bcc, headers, tracefs); the emulated source works"
+else
+    apt_install python3-bpfcc bpftrace linux-perf || true
+    kver="$(uname -r)"
+    if [ ! -e "/lib/modules/$kver/build/include" ]; then
+        apt_install "linux-headers-$kver" 2>/dev/null || apt_install linux-headers-amd64 || true
+    fi
+    if [ ! -e "/lib/modules/$kver/build/include" ]; then
+        # No headers for this kernel: link the newest installed ones (tracepoint probes take
+        # their argument structs from tracefs, so another version's headers compile them).
+        hdr="$(ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 2>/dev/null | sort -V | tail -1 || true)"
+        if [ -n "$hdr" ]; then
+            mkdir -p "/lib/modules/$kver"
+            ln -sfn "$hdr" "/lib/modules/$kver/build"
+            common="${hdr%-*}-common"
+            [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$kver/source"
+            say "no headers for $kver: linked /lib/modules/$kver/build -> $hdr (and source -> $common)"
+        else
+            say "no kernel headers installed: bcc cannot compile probes (install linux-headers-amd64)"
+        fi
+    fi
+    mountpoint -q /sys/kernel/tracing || { mount -t tracefs nodev /sys/kernel/tracing && say "mounted tracefs"; } || true
+    mountpoint -q /sys/kernel/debug || { mount -t debugfs nodev /sys/kernel/debug && say "mounted debugfs"; } || true
+fi
+# bcc is Debian's python3-bpfcc, outside this venv's Python: a .pth file puts it on sys.path.
+if [ -d /usr/lib/python3/dist-packages/bcc ]; then
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    [ -e "$site/dynvm-bcc.pth" ] || echo /usr/lib/python3/dist-packages > "$site/dynvm-bcc.pth"
+fi

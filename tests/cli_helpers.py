@@ -43,3 +43,12 @@ def assert_golden(name: str, text: str) -> None:
     if os.environ.get("DYNVM_UPDATE_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text()
+
+
+def proc_entry(pid: int, comm: str, ksm_stat: str | None = None, cmdline: bytes = b"") -> dict:
+    """The files of one process in a fixture proc tree (paths relative to the tree's root)."""
+    files: dict[str, str | bytes] = {f"proc/{pid}/comm": comm + "\n",
+                                     f"proc/{pid}/cmdline": cmdline or comm.encode() + b"\0"}
+    if ksm_stat is not None:
+        files[f"proc/{pid}/ksm_stat"] = ksm_stat
+    return files

@@ -21,6 +21,7 @@ class SourceOptions:
     speed: float | None = None  # None: as fast as possible
     dialect: str | None = None  # emulate: override the scenario's pone dialect
     emulated_sysfs: Path | None = None  # emulate: where to write the emulated sysfs tree
+    pids: tuple[int, ...] = ()  # ksm: processes to track besides those in KSM and qemu
 
 
 def open_source(opts: SourceOptions, roots: Roots, warn=None) -> tuple[Source, str]:
@@ -29,15 +30,10 @@ def open_source(opts: SourceOptions, roots: Roots, warn=None) -> tuple[Source, s
     if name == "auto":
         if opts.log is not None:
             return _open("replay", opts, roots, warn), f"source: replay of {opts.log} (--log given)"
-        unavailable = []
-        for check in capabilities.source_checks(roots):
-            if check.name == "replay":
-                continue
-            if check.ok:
-                why = "; ".join(unavailable)
-                return (_open(check.name, opts, roots, warn),
-                        f"source: {check.name}" + (f" (no live source here: {why})" if why else ""))
-            unavailable.append(f"{check.name}: {check.detail}")
+        pick, passed_over = capabilities.auto_source(roots)
+        label = "emulate, the emulated host" if pick == "emulate" else pick
+        why = "; ".join(passed_over)
+        return _open(pick, opts, roots, warn), f"source: {label}" + (f" ({why})" if why else "")
     return _open(name, opts, roots, warn), f"source: {name}"
 
 
@@ -55,6 +51,5 @@ def _open(name: str, opts: SourceOptions, roots: Roots, warn) -> Source:
     if name == "pone":
         from .pone import PoneSource
         return PoneSource(roots, warn=warn)
-    check = {"pone": capabilities.pone_source, "ksm": capabilities.ksm_source}[name](roots)
-    raise SourceUnavailable(f"{name} source unavailable: {check.detail}"
-                            + (f"; {check.fix}" if check.fix else ""), exitcodes.MISSING_FEATURE)
+    from .ksm import KsmSource
+    return KsmSource(roots, pids=opts.pids, warn=warn)

@@ -1,0 +1,205 @@
+"""What tracing KSM costs: the time ksmd takes to merge a workload, and the time a COW-fault
+storm takes, with nothing attached and with each tracer attached, in one run, alternating
+(round by round), reported as medians and as ratios to the untraced median.
+
+Tracers: `top` (dynvm-trace's in-kernel counters only), `record` (every event to a log),
+`bpftrace` (a count and one histogram on the merge tracepoint), `perf` (perf record -e 'ksm:*').
+Loss: lost events reported by dynvm-trace's record; events bpftrace/perf saw against the
+kernel-side total.
+
+    sudo .venv/bin/python bench/ksm_overhead.py [--pages 262144] [--rounds 3] [--cow 0]
+
+Needs root. KSM knobs are restored at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = ROOT / "tests" / "ksm_workload.py"
+KSM = Path("/sys/kernel/mm/ksm")
+KNOBS = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
+BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }")
+TRACERS = ("none", "top", "record", "bpftrace", "perf")
+
+
+def ksm(name: str) -> int:
+    return int((KSM / name).read_text())
+
+
+def wait(cond, timeout: float = 300.0, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def merging_pages(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines():
+            if line.startswith("ksm_merging_pages"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _default_sigint() -> None:
+    """Tracers stop on SIGINT even when this bench was started with SIGINT ignored (a
+    background job), which children would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Tracer:
+    """One tracer process, started and attached, then stopped with its own numbers."""
+
+    def __init__(self, kind: str, tmp: Path):
+        self.kind, self.tmp, self.proc = kind, tmp, None
+        dynvm = str(Path(sys.executable).with_name("dynvm-trace"))
+        if kind == "top":
+            self.proc = subprocess.Popen([sys.executable, __file__, "--attach-only"],
+                                         stdout=subprocess.PIPE, text=True,
+                                         preexec_fn=_default_sigint)
+            assert self.proc.stdout.readline().strip() == "attached"
+        elif kind == "record":
+            self.log = tmp / "bench.jsonl"
+            self.proc = subprocess.Popen([dynvm, "record", "--source", "ksm", "-o", str(self.log)],
+                                         stderr=open(tmp / "record.err", "w"), preexec_fn=_default_sigint)
+            wait(lambda: self.log.exists() and self.log.read_text().count("\n") >= 2, 60, "record")
+        elif kind == "bpftrace":
+            self.proc = subprocess.Popen(["bpftrace", "-e", BPFTRACE], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True,
+                                         preexec_fn=_default_sigint)
+            lines = [self.proc.stdout.readline() for _ in range(1)]
+            while not lines[-1].startswith("Attaching"):  # after any warnings
+                assert lines[-1] and len(lines) < 10, lines
+                lines.append(self.proc.stdout.readline())
+        elif kind == "perf":
+            self.data = tmp / "perf.data"
+            self.proc = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "ksm:*", "-o",
+                                          str(self.data)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True,
+                                         preexec_fn=_default_sigint)
+            time.sleep(2.0)  # perf says nothing when it is attached
+
+    def stop(self) -> dict:
+        if self.proc is None:
+            return {}
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=120)
+        if self.kind == "top":
+            return json.loads(out)
+        if self.kind == "record":
+            merges = lost = 0
+            with open(self.log) as f:
+                for line in f:
+                    if '"kind":"merge"' in line:
+                        merges += 1
+                    elif '"kind":"lost"' in line:
+                        lost += json.loads(line)["count"]
+            self.log.unlink()
+            return {"merge_events": merges, "lost": lost,
+                    "stderr": (self.tmp / "record.err").read_text().strip().splitlines()[-3:]}
+        if self.kind == "bpftrace":
+            m = re.search(r"@merges: (\d+)", out)
+            return {"merge_events": int(m.group(1)) if m else None}
+        if self.kind == "perf":
+            script = subprocess.run(["perf", "script", "-i", str(self.data), "-F", "event"],
+                                    capture_output=True, text=True)
+            n = sum(1 for line in script.stdout.splitlines() if "ksm_merge_with_ksm_page" in line)
+            lost = re.findall(r"lost (\d+) chunks", script.stderr + err)
+            self.data.unlink()
+            return {"merge_events": n, "lost_chunks": sum(map(int, lost))}
+        return {}
+
+
+def trial(pages: int, cow: int) -> dict:
+    """Merge `pages` identical pages (time to all merged), then COW-break `cow` of them."""
+    base = ksm("pages_shared") + ksm("pages_sharing")
+    w = subprocess.Popen([sys.executable, str(WORKLOAD), str(pages)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    pid = int(w.stdout.readline().split()[1])
+    t0 = time.monotonic()
+    wait(lambda: merging_pages(pid) >= pages, what="merges")
+    result = {"merge_s": time.monotonic() - t0}
+    if cow:
+        t0 = time.monotonic()
+        w.stdin.write(f"cow {cow}\n")
+        w.stdin.flush()
+        w.stdout.readline()
+        result["cow_s"] = time.monotonic() - t0
+    w.stdin.write("exit\n")
+    w.stdin.flush()
+    w.wait()
+    wait(lambda: ksm("pages_shared") + ksm("pages_sharing") <= base, what="unmerge at exit")
+    return result
+
+
+def attach_only() -> None:
+    """The `top` tracer: the ksm source without the event stream, until SIGINT."""
+    from dynvm_trace.paths import Roots
+    from dynvm_trace.sources.ksm import KsmSource
+    src = KsmSource(Roots(), stream=False)
+    print("attached", flush=True)
+    signal.signal(signal.SIGINT, lambda *a: src.stop())
+    for _ in src.batches(1_000_000_000, None):
+        pass
+    print(json.dumps(src.kernel_counts()))
+    src.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pages", type=int, default=262144, help="workload pages (1 GiB)")
+    ap.add_argument("--cow", type=int, default=0, help="COW breaks per trial (0: none)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tracers", default=",".join(TRACERS))
+    ap.add_argument("--attach-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.attach_only:
+        attach_only()
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("needs root")
+    tracers = args.tracers.split(",")
+    saved = {k: (KSM / k).read_text().strip() for k in KNOBS}
+    results: dict[str, list[dict]] = {t: [] for t in tracers}
+    try:
+        for k, v in KNOBS.items():
+            (KSM / k).write_text(v)
+        with tempfile.TemporaryDirectory() as tmp:
+            for rnd in range(args.rounds):
+                for kind in tracers:
+                    tracer = Tracer(kind, Path(tmp))
+                    r = trial(args.pages, args.cow)
+                    r.update(tracer.stop())
+                    results[kind].append(r)
+                    print(f"round {rnd} {kind:<9} {json.dumps(r)}", flush=True)
+    finally:
+        for k in ("run", "pages_to_scan", "sleep_millisecs"):
+            (KSM / k).write_text(saved[k])
+    base = {key: statistics.median(r[key] for r in results["none"])
+            for key in ("merge_s", "cow_s") if "none" in results and key in results["none"][0]}
+    print(f"\n{args.pages} pages, {args.cow} COW breaks, {args.rounds} rounds (medians)")
+    for kind, rs in results.items():
+        cells = []
+        for key, b in base.items():
+            med = statistics.median(r[key] for r in rs)
+            cells.append(f"{key} {med:.3f} s ({(med / b - 1) * 100:+.1f} %)")
+        print(f"{kind:<9} " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""The `ksm` source: a stock kernel's KSM, free page reporting's host side and COW breaks, traced
+live with bcc tracepoint programs (probes/ksm.c).
+
+Which processes are tracked (their write-protect faults, discards and refaults are watched in
+the kernel; merges, unmerges and scans are seen for every process):
+  - every process that enters KSM while tracing (ksm:ksm_enter, in the kernel),
+  - processes already in KSM when tracing starts (/proc/PID/ksm_stat: rmap items, merging pages
+    or `ksm_mergeable: yes`),
+  - qemu processes (VM discovery), whose guest RAM discards are free page reporting,
+  - the pids given with --pid.
+The mm of a process that entered KSM before tracing began is learnt from its own next
+mmap_lock use; until then its merges carry no pid.
+
+Every interval the source reads the in-kernel counters (per-CPU, the totals) and takes counter
+snapshots: group "ksm" (/sys/kernel/mm/ksm), "vmstat" (cow_ksm, ksm_swpin_copy), "ksm_stat"
+(one record per tracked pid, with its pid) and "ksm_probes" (the in-kernel event counters).
+With the stream open (the default; trace and record need it) every event is also a record, and
+ring buffer overruns, counted in the kernel, become `lost` records.
+
+A snapshot is retaken when an event lies within SNAPSHOT_GUARD_NS of it: an event whose
+tracepoint fired just before the snapshot may move its kernel counter just after (cow_ksm is
+counted at the end of the fault the tracepoint saw begin).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import time
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from .. import bpf_host, exitcodes, vms
+from ..btf import kernel_member_offset
+from ..ksm_sysfs import read_ksm
+from ..logfile import make_header
+from ..paths import Roots, page_size
+from ..procfs import list_pids, read_comm, read_ksm_stat, read_vmstat
+from .base import Batch, Source, SourceUnavailable
+
+SRC = "ksm"
+# Index order of the counts map: keep in step with the enum in probes/ksm.c.
+COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge",
+            "unmerge_after_cow", "scan_start", "scan_end", "ksm_enter", "ksm_exit", "cow_break",
+            "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
+            "dropped", "page_set_full", "unresolved_mm")
+E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START, \
+    E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT = range(12)
+EVENT = np.dtype([("ts", "<u8"), ("mm", "<u8"), ("pfn", "<u8"), ("addr", "<u8"), ("arg", "<u8"),
+                  ("arg2", "<u8"), ("kind", "<u4"), ("pid", "<u4")])
+VMSTAT_KEYS = ("cow_ksm", "ksm_swpin_copy")
+SNAPSHOT_GUARD_NS = 2_000_000
+SNAPSHOT_RETRIES = 10
+POLL_S = 0.02
+# Records taken from the ring buffer per consume call. libbpf's consume loops until the ring is
+# empty, which never happens while events arrive faster than Python takes them: the callback
+# ends a call after this many, so snapshots stay on time and a backlog stays in the kernel's
+# ring (where overruns are counted) instead of in this process's memory.
+CONSUME_BUDGET = 16384
+MAX_PROCS = 65536
+MAX_CHUNKS = 1 << 18  # 2 MiB chunks per page set: 512 GiB of tracked guest RAM
+MAX_RELEASE_CHUNKS = 32  # a discard marks at most 64 MiB for refault tracking
+RINGBUF_PAGES = 1 << 13  # 32 MiB: ~600 k events
+
+
+def _probe_source() -> str:
+    return resources.files("dynvm_trace.probes").joinpath("ksm.c").read_text()
+
+
+def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
+             ringbuf_pages: int) -> list[str]:
+    have = {"ksm:ksm_merge_one_page": "HAVE_MERGE_ONE", "ksm:ksm_remove_rmap_item": "HAVE_REMOVE_RMAP",
+            "exceptions:page_fault_user": "HAVE_FAULT", "mmap_lock:mmap_lock_start_locking":
+            "HAVE_MMAP_LOCK"}
+    flags = [f"-D{macro}" for tp, macro in have.items() if tp in tracepoints]
+    pairs = {"HAVE_SCAN": ("ksm:ksm_start_scan", "ksm:ksm_stop_scan"),
+             "HAVE_ENTER": ("ksm:ksm_enter", "ksm:ksm_exit"),
+             "HAVE_MADVISE": ("syscalls:sys_enter_madvise", "syscalls:sys_exit_madvise"),
+             "HAVE_FALLOCATE": ("syscalls:sys_enter_fallocate", "syscalls:sys_exit_fallocate")}
+    flags += [f"-D{macro}" for macro, tps in pairs.items() if all(t in tracepoints for t in tps)]
+    flags += [f"-DPAGE_SHIFT_={page_size().bit_length() - 1}",
+              f"-DRMAP_ADDR_OFF={-1 if rmap_addr_off is None else rmap_addr_off}",
+              f"-DMAX_PROCS={MAX_PROCS}", f"-DMAX_CHUNKS={MAX_CHUNKS}",
+              f"-DMAX_RELEASE_CHUNKS={MAX_RELEASE_CHUNKS}", f"-DRINGBUF_PAGES={ringbuf_pages}"]
+    if stream:
+        flags.append("-DSTREAM")
+    return flags
+
+
+def in_ksm(stat: dict[str, Any] | None) -> bool:
+    """Whether a /proc/PID/ksm_stat says the process has (or asked for) KSM memory."""
+    if not stat:
+        return False
+    return bool(stat.get("ksm_rmap_items") or stat.get("ksm_merging_pages")
+                or stat.get("ksm_mergeable") is True or stat.get("ksm_merge_any") is True)
+
+
+def initial_pids(roots: Roots, extra: tuple[int, ...] = ()) -> set[int]:
+    """Processes to track from the start: in KSM already, qemu, or asked for."""
+    pids = set(extra) | {vm.pid for vm in vms.discover(roots)}
+    return pids | {pid for pid in list_pids(roots) if in_ksm(_stat_or_none(roots, pid))}
+
+
+def _stat_or_none(roots: Roots, pid: int) -> dict[str, Any] | None:
+    try:
+        return read_ksm_stat(roots, pid)
+    except OSError:
+        return None
+
+
+class KsmSource(Source):
+    name = SRC
+
+    def __init__(self, roots: Roots, pids: tuple[int, ...] = (), stream: bool = True,
+                 ringbuf_pages: int = RINGBUF_PAGES, warn=None):
+        super().__init__()
+        blockers = bpf_host.ksm_blockers(roots)
+        if blockers:
+            c = blockers[0]
+            code = exitcodes.NOT_PERMITTED if c.name == "privilege" else exitcodes.MISSING_FEATURE
+            raise SourceUnavailable(f"ksm source unavailable: {c.name}: {c.detail}"
+                                    + (f"; fix: {c.fix}" if c.fix else ""), code)
+        self.roots = roots
+        self.warn = warn or (lambda msg: None)
+        self.stream = stream
+        self.tracepoints = bpf_host.available_tracepoints(roots)
+        self.rmap_addr_off = kernel_member_offset(roots, "ksm_rmap_item", "address")
+        if self.rmap_addr_off is None:
+            self.warn("no BTF offset for ksm_rmap_item.address: merges carry no address, so COW "
+                      "breaks are not told apart from other write faults and are not reported")
+        for tp in bpf_host.TRACEPOINTS:
+            if tp.path not in self.tracepoints:
+                self.warn(f"tracepoint {tp.path} unusable here: no {tp.needed_for}")
+        start_pids = initial_pids(roots, pids)
+        # mmap_lock fires on every lock of every mm (ksmd's included): attach it only when a
+        # process was in KSM before we started, whose mm we must learn.
+        if not any(in_ksm(_stat_or_none(roots, pid)) for pid in start_pids):
+            self.tracepoints.discard("mmap_lock:mmap_lock_start_locking")
+        bcc = bpf_host.import_bcc()
+        self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
+            self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages))
+        self._raw: list[bytes] = []
+        self._taken = 0  # records taken by the current consume call
+        if stream:
+            self.bpf["events"].open_ring_buffer(self._on_event)
+        self.anchor = (time.monotonic_ns(), time.time_ns())
+        self._comms: dict[int, str] = {}
+        self._vm_names = {vm.pid: vm.name for vm in vms.discover(roots)}
+        self.tracked: set[int] = set()
+        self._track(start_pids)
+        self._held: list[dict[str, Any]] = []
+        self._last_dropped = 0
+
+    # -- kernel side --------------------------------------------------------------------------
+
+    def _on_event(self, ctx, data, size) -> int:  # noqa: ARG002 - bcc's callback signature
+        self._raw.append(ctypes.string_at(data, size))
+        self._taken += 1
+        return -1 if self._taken >= CONSUME_BUDGET else 0  # < 0: libbpf ends this consume
+
+    def _consume(self) -> bool:
+        """One bounded consume of the ring buffer; whether it stopped at the budget (more
+        records may be waiting)."""
+        if not self.stream:
+            return False
+        self._taken = 0
+        self.bpf.ring_buffer_consume()
+        return self._taken >= CONSUME_BUDGET
+
+    def _drain(self, until_ns: int | None = None) -> None:
+        """Take records from the ring buffer until it is empty or, with until_ns, until one
+        newer than until_ns has been taken (the ring is in reservation order)."""
+        while self._consume():
+            if until_ns is not None and int.from_bytes(self._raw[-1][:8], "little") > until_ns:
+                return
+
+    def _track(self, pids: set[int]) -> None:
+        table = self.bpf["tracked"]
+        one = table.Leaf(1)
+        for pid in pids - self.tracked:
+            table[table.Key(pid)] = one
+        self.tracked |= pids
+
+    def _refresh_tracked(self) -> None:
+        """Take in the pids the kernel started tracking (ksm_enter); drop the ones that exited,
+        with their page sets."""
+        kernel = {k.value for k in self.bpf["tracked"].keys()}
+        self.tracked |= kernel
+        gone = {pid for pid in self.tracked if not self.roots.procfs(str(pid)).exists()}
+        if not gone:
+            return
+        for name in ("merged", "released"):
+            table = self.bpf[name]
+            for key in [k for k in table.keys() if k.pid in gone]:
+                del table[key]
+        tracked = self.bpf["tracked"]
+        for pid in gone:
+            try:
+                del tracked[tracked.Key(pid)]
+            except KeyError:
+                pass
+        self.tracked -= gone
+
+    def kernel_counts(self) -> dict[str, int]:
+        """The in-kernel event counters (summed over CPUs): the totals."""
+        table = self.bpf["counts"]
+        return {name: int(sum(table[table.Key(i)])) for i, name in enumerate(COUNTERS)}
+
+    # -- records ------------------------------------------------------------------------------
+
+    def header(self) -> dict[str, Any]:
+        return make_header(SRC, clock="monotonic", page_size=page_size(), anchor_ts=self.anchor[0],
+                           anchor_unix_ns=self.anchor[1], stream=self.stream,
+                           tracepoints=sorted(self.tracepoints),
+                           rmap_address_offset=self.rmap_addr_off,
+                           tracked_pids=sorted(self.tracked))
+
+    def _who(self, pid: int) -> dict[str, Any]:
+        if not pid:
+            return {}
+        comm = self._comms.get(pid)
+        if comm is None:
+            comm = read_comm(self.roots, pid) or ""
+            self._comms[pid] = comm
+        who: dict[str, Any] = {"pid": pid}
+        if comm:
+            who["comm"] = comm
+        if pid in self._vm_names:
+            who["vm"] = self._vm_names[pid]
+        return who
+
+    def _decode(self) -> list[dict[str, Any]]:
+        if not self._raw:
+            return []
+        evs = np.frombuffer(b"".join(self._raw), dtype=EVENT)
+        self._raw = []
+        evs = evs[np.argsort(evs["ts"], kind="stable")]
+        out: list[dict[str, Any]] = []
+        for ts, _mm, pfn, addr, arg, arg2, kind, pid in evs.tolist():
+            rec: dict[str, Any] = {"kind": "", "ts": ts, "src": SRC, **self._who(pid)}
+            if kind in (E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO):
+                rec.update(kind="merge", pfn=pfn,
+                           into=("new", "existing", "zero")[kind - E_MERGE_NEW])
+            elif kind == E_MERGE_FAIL:
+                code = -((arg ^ (1 << 63)) - (1 << 63))
+                rec.update(kind="merge_fail", reason=errno.errorcode.get(code, str(code)),
+                           code=code, stage="zero page" if arg2 else "ksm page", pfn=pfn)
+            elif kind == E_UNMERGE:
+                rec.update(kind="unmerge", reason="ksm page removed", pfn=pfn)
+            elif kind in (E_SCAN_START, E_SCAN_END):
+                rec.update(kind="scan_start" if kind == E_SCAN_START else "scan_end", seq=arg,
+                           rmap_entries=arg2)
+            elif kind == E_COW:
+                rec.update(kind="cow_break")
+            elif kind == E_RELEASE:
+                punch = arg2 & 1
+                rec.update(kind="reclaim_release", pages=arg,
+                           discard="punch_hole" if punch else "madvise")
+                if punch:
+                    rec["offset"] = addr
+                    addr = 0
+                out.extend({"kind": "unmerge", "ts": ts, "src": SRC, **self._who(pid),
+                            "reason": "released", "addr": addr} for _ in range(arg2 >> 1))
+            elif kind == E_REFAULT:
+                rec.update(kind="reclaim_refault", pages=arg)
+            else:  # ksm_enter / ksm_exit: kept in the kernel's mm map, no record
+                continue
+            if addr:
+                rec["addr"] = addr
+            out.append(rec)
+        return out
+
+    def _counters(self, ts: int, counts: dict[str, int]) -> list[dict[str, Any]]:
+        recs = [{"kind": "counters", "ts": ts, "src": SRC, "group": "ksm",
+                 "values": read_ksm(self.roots)}]
+        try:
+            vmstat = read_vmstat(self.roots)
+            recs.append({"kind": "counters", "ts": ts, "src": SRC, "group": "vmstat",
+                         "values": {k: vmstat[k] for k in VMSTAT_KEYS if k in vmstat}})
+        except OSError as e:
+            self.warn(f"cannot read vmstat: {e.strerror}")
+        recs.append({"kind": "counters", "ts": ts, "src": SRC, "group": "ksm_probes",
+                     "values": counts})
+        for pid in sorted(self.tracked):
+            try:
+                stat = read_ksm_stat(self.roots, pid)
+            except OSError:
+                continue
+            if stat is not None:
+                recs.append({"kind": "counters", "ts": ts, "src": SRC, "group": "ksm_stat",
+                             **self._who(pid), "values": stat})
+        return recs
+
+    def _snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        """Events up to a time no event is close to (see SNAPSHOT_GUARD_NS), then `lost`
+        records, then the counter records taken at that time."""
+        for _ in range(SNAPSHOT_RETRIES):
+            ts = time.monotonic_ns()
+            counts = self.kernel_counts()
+            counters = self._counters(ts, counts)
+            after = time.monotonic_ns()
+            self._drain(until_ns=after + SNAPSHOT_GUARD_NS)
+            self._held.extend(self._decode())
+            if not any(ts - SNAPSHOT_GUARD_NS <= r["ts"] <= after for r in self._held):
+                break
+            time.sleep(SNAPSHOT_GUARD_NS / 1e9)
+        self._held.sort(key=lambda r: r["ts"])
+        n = next((i for i, r in enumerate(self._held) if r["ts"] > ts), len(self._held))
+        events, self._held = self._held[:n], self._held[n:]
+        return ts, events + self._lost(ts, counts) + counters
+
+    def _lost(self, ts: int, counts: dict[str, int]) -> list[dict[str, Any]]:
+        dropped = counts["dropped"] - self._last_dropped
+        self._last_dropped = counts["dropped"]
+        if not dropped:
+            return []
+        return [{"kind": "lost", "ts": ts, "src": SRC, "count": dropped,
+                 "where": "ksm ring buffer", "why": "ring buffer full (reader too slow)"}]
+
+    def batches(self, interval_ns: int, duration_ns: int | None) -> Iterator[Batch]:
+        if interval_ns <= 0:
+            raise ValueError("interval_ns must be > 0")
+        start, records = self._snapshot()
+        yield Batch(start, records)
+        next_at = start + interval_ns
+        end = None if duration_ns is None else start + duration_ns
+        while True:
+            due = next_at if end is None else min(next_at, end)
+            while not self.stopped and time.monotonic_ns() < due:
+                if not self._consume():  # at the budget: more is waiting, no sleep
+                    time.sleep(min(POLL_S, max(0.0, (due - time.monotonic_ns()) / 1e9)))
+            last = self.stopped or (end is not None and time.monotonic_ns() >= end)
+            if last:
+                # Stopping (a signal may have come at any point, also while the previous
+                # batch was being written): everything the kernel wrote until now goes into
+                # the log, and the last counter snapshot is taken after it.
+                self._drain(until_ns=time.monotonic_ns())
+            self._refresh_tracked()
+            ts, records = self._snapshot()
+            yield Batch(ts, records)
+            if last:
+                break
+            next_at += interval_ns
+        self._drain(until_ns=time.monotonic_ns())
+        self._held.extend(self._decode())
+        if self._held:  # events after the last snapshot: still part of the log
+            held, self._held = self._held, []
+            yield Batch(held[-1]["ts"], held)
+
+    def close(self) -> None:
+        bpf = getattr(self, "bpf", None)
+        if bpf is not None:
+            bpf.cleanup()
+            self.bpf = None

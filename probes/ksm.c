@@ -1,0 +1,386 @@
+/* dynvm-trace: KSM merges, COW breaks and guest-RAM discards on a stock kernel (bcc, tracepoints).
+ *
+ * Compiled by dynvm_trace/sources/ksm.py, which defines, from what the kernel has:
+ *   PAGE_SHIFT_       log2 of the page size
+ *   RMAP_ADDR_OFF     offset of `address` in struct ksm_rmap_item (from BTF); -1 when unknown:
+ *                     then merges carry no address and COW breaks cannot be told apart
+ *   HAVE_MERGE_ONE, HAVE_REMOVE_RMAP, HAVE_SCAN, HAVE_ENTER, HAVE_FAULT, HAVE_MADVISE,
+ *   HAVE_FALLOCATE, HAVE_MMAP_LOCK   one per tracepoint that exists with the fields used
+ *   STREAM            open the per-event ring buffer (trace/record); without it only the
+ *                     in-kernel counters and histograms are kept
+ *   RINGBUF_PAGES, MAX_PROCS, MAX_CHUNKS, MAX_RELEASE_CHUNKS   sizes
+ *
+ * Page sets (merged pages, released pages) are bitmaps per (process, 2 MiB-aligned chunk of
+ * 512 pages): bounded, and one lookup per fault.
+ */
+
+#define CHUNK_PAGES 512
+#define WORD_BITS 64
+#define WORDS (CHUNK_PAGES / WORD_BITS)
+
+/* counter indices: keep in step with COUNTERS in dynvm_trace/sources/ksm.py */
+enum {
+    C_MERGE_NEW, C_MERGE_EXISTING, C_MERGE_ZERO, C_MERGE_FAIL, C_UNMERGE, C_UNMERGE_AFTER_COW,
+    C_SCAN_START, C_SCAN_END, C_ENTER, C_EXIT, C_COW, C_RELEASE, C_RELEASE_PAGES,
+    C_RELEASE_UNTRACKED_PAGES, C_REFAULT, C_DROPPED, C_CHUNKS_FULL, C_UNRESOLVED_MM, N_COUNTERS
+};
+
+/* event kinds: keep in step with EVENT_KINDS in dynvm_trace/sources/ksm.py */
+enum {
+    E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START,
+    E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT
+};
+
+struct event {
+    u64 ts;
+    u64 mm;
+    u64 pfn;
+    u64 addr;
+    u64 arg;   /* err, seq, pages, rmap_entries */
+    u64 arg2;  /* release: merged pages it unmapped; punch hole: 1 */
+    u32 kind;
+    u32 pid;
+};
+
+struct chunk_key {
+    u32 pid;
+    u32 pad;
+    u64 chunk;  /* address >> (PAGE_SHIFT_ + 9) */
+};
+
+struct bits {
+    u64 w[WORDS];
+};
+
+struct pending_discard {
+    u64 start;
+    u64 len;
+    u32 punch;  /* fallocate(PUNCH_HOLE): a file range, not an address range */
+    u32 pad;
+};
+
+BPF_PERCPU_ARRAY(counts, u64, N_COUNTERS);
+BPF_HISTOGRAM(release_log2, int, 64);   /* pages per discard, log2 */
+BPF_HASH(tracked, u32, u8, MAX_PROCS);  /* tgids whose faults and discards are watched */
+BPF_HASH(mm_pid, u64, u32, MAX_PROCS);  /* mm -> tgid */
+BPF_HASH(merged, struct chunk_key, struct bits, MAX_CHUNKS);
+BPF_HASH(released, struct chunk_key, struct bits, MAX_CHUNKS);
+BPF_HASH(pending, u64, struct pending_discard, 4096);  /* thread -> discard in progress */
+#ifdef STREAM
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#endif
+
+static __always_inline void count(u32 idx, u64 n)
+{
+    u64 *v = counts.lookup(&idx);
+    if (v)
+        *v += n;
+}
+
+static __always_inline void emit(u32 kind, u32 pid, u64 mm, u64 pfn, u64 addr, u64 arg, u64 arg2)
+{
+#ifdef STREAM
+    struct event ev = {.ts = bpf_ktime_get_ns(), .mm = mm, .pfn = pfn, .addr = addr,
+                       .arg = arg, .arg2 = arg2, .kind = kind, .pid = pid};
+    if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP) < 0)
+        count(C_DROPPED, 1);
+#endif
+}
+
+static __always_inline u32 current_tgid(void)
+{
+    return bpf_get_current_pid_tgid() >> 32;
+}
+
+static __always_inline u32 pid_of_mm(u64 mm)
+{
+    u32 *pid = mm_pid.lookup(&mm);
+    return pid ? *pid : 0;
+}
+
+static __always_inline u64 rmap_address(void *rmap_item)
+{
+#if RMAP_ADDR_OFF >= 0
+    u64 addr = 0;
+    bpf_probe_read_kernel(&addr, sizeof(addr), (char *)rmap_item + RMAP_ADDR_OFF);
+    return addr & ~((1ULL << PAGE_SHIFT_) - 1);
+#else
+    return 0;
+#endif
+}
+
+enum { MERGED, RELEASED };
+
+/* The bitmap chunk of a page set (MERGED or RELEASED) for key, created when `create`. */
+static __always_inline struct bits *chunk_of(int set_id, struct chunk_key *key, int create)
+{
+    struct bits *b = set_id == MERGED ? merged.lookup(key) : released.lookup(key);
+    if (b || !create)
+        return b;
+    struct bits zero = {};
+    if (set_id == MERGED) {
+        merged.insert(key, &zero);
+        b = merged.lookup(key);
+    } else {
+        released.insert(key, &zero);
+        b = released.lookup(key);
+    }
+    if (!b)
+        count(C_CHUNKS_FULL, 1);
+    return b;
+}
+
+/* Set (set=1) or clear the bit of one page in a page set; returns whether it was set before. */
+static __always_inline int page_bit(int set_id, u32 pid, u64 addr, int set)
+{
+    struct chunk_key key = {.pid = pid, .chunk = addr >> (PAGE_SHIFT_ + 9)};
+    u32 page = (addr >> PAGE_SHIFT_) & (CHUNK_PAGES - 1);
+    u64 mask = 1ULL << (page & (WORD_BITS - 1));
+    struct bits *b = chunk_of(set_id, &key, set);
+    u32 w = page / WORD_BITS;
+    if (!b || w >= WORDS)
+        return 0;
+    u64 old = set ? __sync_fetch_and_or(&b->w[w], mask) : __sync_fetch_and_and(&b->w[w], ~mask);
+    return (old & mask) != 0;
+}
+
+static __always_inline void on_merge(u32 kind, u64 mm, u64 pfn, void *rmap_item)
+{
+    u32 pid = pid_of_mm(mm);
+    u64 addr = rmap_address(rmap_item);
+    if (!pid)
+        count(C_UNRESOLVED_MM, 1);
+    else if (addr && kind != E_MERGE_ZERO && tracked.lookup(&pid))
+        page_bit(MERGED, pid, addr, 1);
+    count(kind == E_MERGE_NEW ? C_MERGE_NEW : kind == E_MERGE_EXISTING ? C_MERGE_EXISTING
+          : C_MERGE_ZERO, 1);
+    emit(kind, pid, mm, pfn, addr, 0, 0);
+}
+
+TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
+{
+    if (args->err) {
+        count(C_MERGE_FAIL, 1);
+        emit(E_MERGE_FAIL, pid_of_mm((u64)args->mm), (u64)args->mm, args->pfn,
+             rmap_address(args->rmap_item), (u64)(s64)args->err, 0);
+        return 0;
+    }
+    on_merge(args->ksm_page ? E_MERGE_EXISTING : E_MERGE_NEW, (u64)args->mm, args->pfn,
+             args->rmap_item);
+    return 0;
+}
+
+#ifdef HAVE_MERGE_ONE
+/* Only the use_zero_pages path: an empty page mapped to the zero page. */
+TRACEPOINT_PROBE(ksm, ksm_merge_one_page)
+{
+    if (args->err) {
+        count(C_MERGE_FAIL, 1);
+        emit(E_MERGE_FAIL, pid_of_mm((u64)args->mm), (u64)args->mm, args->pfn,
+             rmap_address(args->rmap_item), (u64)(s64)args->err, 1);
+        return 0;
+    }
+    on_merge(E_MERGE_ZERO, (u64)args->mm, args->pfn, args->rmap_item);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_REMOVE_RMAP
+/* Fires when a KSM page's stable node goes away with mappings still listed: for a page whose
+ * COW break we already saw, that is the kernel catching up, not a new unmerge. */
+TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
+{
+    u64 mm = (u64)args->mm;
+    u32 pid = pid_of_mm(mm);
+    u64 addr = rmap_address(args->rmap_item);
+    if (pid && addr && tracked.lookup(&pid) && !page_bit(MERGED, pid, addr, 0)) {
+        count(C_UNMERGE_AFTER_COW, 1);
+        return 0;
+    }
+    count(C_UNMERGE, 1);
+    emit(E_UNMERGE, pid, mm, args->pfn, addr, 0, 0);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_SCAN
+TRACEPOINT_PROBE(ksm, ksm_start_scan)
+{
+    count(C_SCAN_START, 1);
+    emit(E_SCAN_START, 0, 0, 0, 0, args->seq, args->rmap_entries);
+    return 0;
+}
+
+TRACEPOINT_PROBE(ksm, ksm_stop_scan)
+{
+    count(C_SCAN_END, 1);
+    emit(E_SCAN_END, 0, 0, 0, 0, args->seq, args->rmap_entries);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_ENTER
+/* madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE) enter in the process itself; a fork
+ * of a KSM process enters the child's mm from the parent (attributed to the parent until the
+ * child's own mmap_lock use corrects it). */
+TRACEPOINT_PROBE(ksm, ksm_enter)
+{
+    u64 mm = (u64)args->mm;
+    u32 pid = current_tgid();
+    u8 one = 1;
+    mm_pid.update(&mm, &pid);
+    tracked.update(&pid, &one);
+    count(C_ENTER, 1);
+    emit(E_ENTER, pid, mm, 0, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(ksm, ksm_exit)
+{
+    u64 mm = (u64)args->mm;
+    u32 pid = pid_of_mm(mm);
+    mm_pid.delete(&mm);
+    count(C_EXIT, 1);
+    emit(E_EXIT, pid, mm, 0, 0, 0, 0);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_MMAP_LOCK
+/* Learns mm -> process for tracked processes that entered KSM before we attached. Only a
+ * process's own lock use counts (ksmd and /proc readers lock other processes' mms, but
+ * those are not tracked or already known). */
+TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
+{
+    u64 mm = (u64)args->mm;
+    u32 pid = current_tgid();
+    if (!tracked.lookup(&pid) || mm_pid.lookup(&mm))
+        return 0;
+    mm_pid.update(&mm, &pid);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_FAULT
+/* error_code bits (x86): 0 protection violation (page present), 1 write, 2 user mode. */
+TRACEPOINT_PROBE(exceptions, page_fault_user)
+{
+    u32 pid = current_tgid();
+    if (!tracked.lookup(&pid))
+        return 0;
+    u64 addr = args->address & ~((1ULL << PAGE_SHIFT_) - 1);
+    if ((args->error_code & 3) == 3 && page_bit(MERGED, pid, addr, 0)) {
+        count(C_COW, 1);
+        emit(E_COW, pid, 0, 0, addr, 0, 0);
+        return 0;
+    }
+    if (page_bit(RELEASED, pid, addr, 0)) {
+        count(C_REFAULT, 1);
+        emit(E_REFAULT, pid, 0, 0, addr, 1, 0);
+    }
+    return 0;
+}
+#endif
+
+static __always_inline void stash(u64 start, u64 len, u32 punch)
+{
+    u32 pid = current_tgid();
+    if (!tracked.lookup(&pid))
+        return;
+    u64 tid = bpf_get_current_pid_tgid();
+    struct pending_discard d = {.start = start, .len = len, .punch = punch};
+    pending.update(&tid, &d);
+}
+
+/* Mark a discarded address range as released (and no longer merged), a 512-page chunk at a
+ * time; returns how many merged pages it unmapped. Chunks beyond MAX_RELEASE_CHUNKS are
+ * counted as untracked (their refaults are not seen): the loop is unrolled by the verifier,
+ * and bcc cannot pass bpf_loop a callback. */
+static __always_inline u64 mark_released(u32 pid, u64 start, u64 end)
+{
+    u64 unmerged = 0;
+    u64 first = start >> (PAGE_SHIFT_ + 9);
+    u64 last = (end - 1) >> (PAGE_SHIFT_ + 9);
+    for (int i = 0; i < MAX_RELEASE_CHUNKS; i++) {
+        u64 chunk = first + i;
+        if (chunk > last)
+            return unmerged;
+        u64 lo = chunk == first ? (start >> PAGE_SHIFT_) & (CHUNK_PAGES - 1) : 0;
+        u64 hi = chunk == last ? ((end - 1) >> PAGE_SHIFT_) & (CHUNK_PAGES - 1) : CHUNK_PAGES - 1;
+        struct chunk_key key = {.pid = pid, .chunk = chunk};
+        struct bits *r = chunk_of(RELEASED, &key, 1);
+        struct bits *m = chunk_of(MERGED, &key, 0);
+        if (!r) {
+            count(C_RELEASE_UNTRACKED_PAGES, hi - lo + 1);
+            continue;
+        }
+        for (int w = 0; w < WORDS; w++) {
+            u64 wlo = w * WORD_BITS, whi = wlo + WORD_BITS - 1;
+            if (whi < lo || wlo > hi)
+                continue;
+            u64 a = lo > wlo ? lo - wlo : 0;
+            u64 b = hi < whi ? hi - wlo : WORD_BITS - 1;
+            u64 mask = (b == WORD_BITS - 1 ? ~0ULL : ((1ULL << (b + 1)) - 1)) & ~((1ULL << a) - 1);
+            __sync_fetch_and_or(&r->w[w], mask);
+            if (m) {
+                u64 old = __sync_fetch_and_and(&m->w[w], ~mask);
+                unmerged += __builtin_popcountll(old & mask);
+            }
+        }
+    }
+    u64 done_end = (first + MAX_RELEASE_CHUNKS) << (PAGE_SHIFT_ + 9);
+    if (end > done_end)
+        count(C_RELEASE_UNTRACKED_PAGES, (end - done_end) >> PAGE_SHIFT_);
+    return unmerged;
+}
+
+static __always_inline void finish_discard(long ret)
+{
+    u64 tid = bpf_get_current_pid_tgid();
+    struct pending_discard *d = pending.lookup(&tid);
+    if (!d)
+        return;
+    struct pending_discard copy = *d;
+    pending.delete(&tid);
+    if (ret != 0 || copy.len == 0)
+        return;
+    u32 pid = tid >> 32;
+    u64 pages = (copy.len + (1ULL << PAGE_SHIFT_) - 1) >> PAGE_SHIFT_;
+    u64 unmerged = 0;
+    if (!copy.punch)
+        unmerged = mark_released(pid, copy.start, copy.start + copy.len);
+    count(C_RELEASE, 1);
+    count(C_RELEASE_PAGES, pages);
+    release_log2.increment(bpf_log2l(pages));
+    emit(E_RELEASE, pid, 0, 0, copy.start, pages, copy.punch | (unmerged << 1));
+}
+
+#ifdef HAVE_MADVISE
+TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
+{
+    if (args->behavior == 4 /* MADV_DONTNEED */ || args->behavior == 9 /* MADV_REMOVE */)
+        stash(args->start, args->len_in, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
+{
+    finish_discard(args->ret);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_FALLOCATE
+TRACEPOINT_PROBE(syscalls, sys_enter_fallocate)
+{
+    if (args->mode & 0x02 /* FALLOC_FL_PUNCH_HOLE */)
+        stash(args->offset, args->len, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_fallocate)
+{
+    finish_discard(args->ret);
+    return 0;
+}
+#endif

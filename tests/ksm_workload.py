@@ -1,0 +1,49 @@
+"""A process that stands in for a VM on a KSM host, driven line by line on stdin:
+
+    (start)      N identical pages, MADV_MERGEABLE (no THP), then prints "ready PID N"
+    cow M        writes distinct bytes into pages 0..M-1 (M COW breaks of merged pages)
+    release K    MADV_DONTNEED on pages 0..K-1 (private already: no KSM page is involved)
+    touch J      writes distinct bytes into pages 0..J-1 again (J refaults)
+    wait         does nothing (the test polls the kernel meanwhile)
+    exit
+
+Each command is answered with "ok". Used by tests/test_ksm_live.py and bench/ksm_overhead.py.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+
+FILL = 0x5A  # not zero: use_zero_pages must not matter
+
+
+def main() -> None:
+    n = int(sys.argv[1])
+    ps = mmap.PAGESIZE
+    mem = mmap.mmap(-1, n * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mem.madvise(mmap.MADV_NOHUGEPAGE)
+    page = bytes([FILL]) * ps
+    for _ in range(n):  # a page at a time: no n-page temporary
+        mem.write(page)
+    mem.madvise(mmap.MADV_MERGEABLE)
+    print(f"ready {os.getpid()} {n}", flush=True)
+    salt = 0
+    for line in sys.stdin:
+        cmd, *arg = line.split()
+        count = int(arg[0]) if arg else 0
+        if cmd in ("cow", "touch"):
+            salt += 1
+            for i in range(count):
+                mem[i * ps:i * ps + 16] = salt.to_bytes(8, "little") + i.to_bytes(8, "little")
+        elif cmd == "release":
+            mem.madvise(mmap.MADV_DONTNEED, 0, count * ps)
+        elif cmd == "exit":
+            print("ok", flush=True)
+            return
+        print("ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The ksm source against a live kernel: a workload process stands in for a VM, and the
+recorded log must match, page for page, what the workload did and what the kernel counted.
+
+Needs root, BPF, bcc and the ksm:* tracepoints (skips with the reason otherwise; with
+DYNVM_REQUIRE_LIVE=1 that skip is a failure). KSM is set to scan fast and restored afterwards,
+also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from dynvm_trace import capabilities
+from dynvm_trace.logfile import LogReader
+from dynvm_trace.paths import Roots
+from dynvm_trace.procfs import read_ksm_stat
+from dynvm_trace.report import summarize
+
+N, M, K, J = 4099, 1031, 257, 127  # pages merged, COW-broken, released, refaulted
+WORKLOAD = Path(__file__).with_name("ksm_workload.py")
+KSM = Path("/sys/kernel/mm/ksm")
+FAST = {"pages_to_scan": "5000", "sleep_millisecs": "10", "run": "1"}
+BURST = 262144  # 1 GiB of identical pages: ~250 k merge events/s with BURST_KSM
+BURST_KSM = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
+TIMEOUT = 60.0
+INTERVAL = "0.2"
+
+pytestmark = pytest.mark.live
+
+
+@pytest.fixture(scope="module")
+def live() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (BPF, KSM knobs)")
+    check = capabilities.ksm_source(Roots())
+    if not check.ok:
+        pytest.skip(f"ksm source unavailable here: {check.detail}")
+
+
+@contextmanager
+def ksm_knobs(values: dict[str, str]) -> Iterator[None]:
+    """KSM knobs set to `values`; every knob changed is put back, whatever happens ("run"
+    last on the way in, first on the way out)."""
+    saved = {name: (KSM / name).read_text().strip() for name in values}
+    try:
+        for name, value in values.items():
+            (KSM / name).write_text(value)
+        yield
+    finally:
+        for name in ("run", *(n for n in values if n != "run")):
+            (KSM / name).write_text(saved[name])
+
+
+@pytest.fixture
+def fast_ksm(live) -> Iterator[None]:
+    """KSM scanning fast, restored afterwards."""
+    with ksm_knobs(FAST):
+        yield
+
+
+def ksm_value(name: str) -> int:
+    return int((KSM / name).read_text())
+
+
+def wait_for(what: str, cond, timeout: float = TIMEOUT) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_scans(n: int = 2) -> None:
+    """Until ksmd has completed n more full scans: every change so far is in its counters."""
+    target = ksm_value("full_scans") + n
+    wait_for(f"{n} KSM full scans", lambda: ksm_value("full_scans") >= target)
+
+
+class Workload:
+    def __init__(self, pages: int):
+        self.proc = subprocess.Popen([sys.executable, str(WORKLOAD), str(pages)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline().split()
+        assert ready[:1] == ["ready"], ready
+        self.pid = int(ready[1])
+
+    def do(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok"
+
+    def merging_pages(self) -> int:
+        return (read_ksm_stat(Roots(), self.pid) or {}).get("ksm_merging_pages", 0)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def dynvm(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(sys.executable).with_name("dynvm-trace")), *args], **kw)
+
+
+def start_recorder(log: Path) -> subprocess.Popen:
+    proc = dynvm("record", "--source", "ksm", "--interval", INTERVAL, "-o", str(log),
+                 stderr=subprocess.PIPE, text=True)
+    wait_for(f"{log} to start", lambda: log.exists() and log.read_text().count("\n") >= 2
+             or proc.poll() is not None)
+    assert proc.poll() is None, proc.stderr.read()
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    return err
+
+
+def records(log: Path) -> tuple[dict, list[dict]]:
+    reader = LogReader(log)
+    return reader.header, list(reader.records())
+
+
+def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
+    logs = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
+    recorders = [start_recorder(log) for log in logs]  # the second runs beside the first
+    work = Workload(N)
+    try:
+        wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
+        wait_scans()
+        work.do(f"cow {M}")
+        wait_scans()
+        work.do(f"release {K}")
+        work.do(f"touch {J}")
+        wait_scans()
+        time.sleep(2 * float(INTERVAL))
+        errs = [stop(p) for p in recorders]
+        assert work.merging_pages() == N - M
+    finally:
+        for p in recorders:
+            if p.poll() is None:
+                p.kill()
+        work.close()
+    assert all("stopped by signal; the log is complete" in e for e in errs), errs
+
+    for log in logs:
+        header, recs = records(log)
+        assert header["source"] == "ksm"
+        mine = [r for r in recs if r.get("pid") == work.pid]
+        kinds = Counter(r["kind"] for r in mine)
+        assert kinds["merge"] == N, (log, kinds)
+        assert kinds["cow_break"] == M, (log, kinds)
+        assert kinds["unmerge"] == 0, (log, kinds)
+        assert sum(r["pages"] for r in mine if r["kind"] == "reclaim_release") == K
+        assert kinds["reclaim_refault"] == J, (log, kinds)
+        last_merge = max(r["ts"] for r in mine if r["kind"] == "merge")
+        assert last_merge < min(r["ts"] for r in mine if r["kind"] == "cow_break")
+        assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+
+        vmstat = [r["values"]["cow_ksm"] for r in recs if r.get("group") == "vmstat"]
+        assert vmstat[-1] - vmstat[0] == M
+        stats = [r["values"] for r in recs if r.get("group") == "ksm_stat" and r.get("pid") == work.pid]
+        assert stats[-1]["ksm_merging_pages"] == kinds["merge"] - kinds["cow_break"]
+
+        corr = summarize(LogReader(log))["correlation"]
+        verdicts = {r["rule"]: r["verdict"] for r in corr["rules"]}
+        assert {"ksm merged now", "ksm cow breaks", "ksm stream: merges",
+                "ksm stream: cow breaks", "ksm stream: refaults"} <= set(verdicts), verdicts
+        assert corr["verdict"] == "agrees", corr
+
+
+def test_trace_json_lines_while_merging(fast_ksm):
+    pages = 512
+    trace = dynvm("trace", "--source", "ksm", "--json", "--interval", INTERVAL,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = trace.stdout.readline()  # the first batch: the tracer is attached
+    assert first, trace.stderr.read()
+    work = Workload(pages)
+    try:
+        wait_for(f"{pages} pages merged", lambda: work.merging_pages() == pages)
+        time.sleep(3 * float(INTERVAL))
+        trace.send_signal(signal.SIGINT)
+        out, err = trace.communicate(timeout=TIMEOUT)
+    finally:
+        if trace.poll() is None:
+            trace.kill()
+        work.close()
+    assert trace.returncode == 0, err
+    recs = [json.loads(line) for line in [first, *out.splitlines()]]
+    assert all(isinstance(r, dict) and "kind" in r and "ts" in r for r in recs)
+    merges = [r for r in recs if r["kind"] == "merge" and r.get("pid") == work.pid]
+    assert len(merges) == pages
+    assert {r["into"] for r in merges} <= {"new", "existing"}
+
+
+def test_burst_every_merge_logged_when_stopped_mid_burst(live, tmp_path):
+    """A 1 GiB merge burst, the recorder (1 s interval) stopped by SIGINT the moment the kernel
+    has merged the last page, while it is still taking in and writing the burst: every merge
+    the kernel made is in the log (= the in-kernel counter = the rise of pages_shared +
+    pages_sharing), none lost, and the last counter snapshot comes after the last merge."""
+    log = tmp_path / "burst.jsonl"
+    with ksm_knobs(BURST_KSM):
+        recorder = dynvm("record", "--source", "ksm", "-o", str(log), stderr=subprocess.PIPE,
+                         text=True)
+        work = None
+        try:
+            wait_for(f"{log} to start", lambda: log.exists() and log.read_text().count("\n") >= 2
+                     or recorder.poll() is not None)
+            assert recorder.poll() is None, recorder.stderr.read()
+            work = Workload(BURST)
+            wait_for(f"{BURST} pages merged", lambda: work.merging_pages() == BURST, 120)
+            err = stop(recorder)  # the workload lives on: nothing unmerges until the end
+        finally:
+            if recorder.poll() is None:
+                recorder.kill()
+            if work is not None:
+                work.close()
+    assert "stopped by signal; the log is complete" in err, err
+
+    _, recs = records(log)
+    kinds = Counter(r["kind"] for r in recs)
+    mine = sum(1 for r in recs if r["kind"] == "merge" and r.get("pid") == work.pid)
+    probes = [r["values"] for r in recs if r.get("group") == "ksm_probes"]
+    ksm = [r["values"] for r in recs if r.get("group") == "ksm"]
+
+    def merged(v: dict) -> int:
+        return v["merge_new"] + v["merge_existing"] + v["merge_zero"]
+
+    assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+    assert probes[-1]["dropped"] == 0
+    assert mine == BURST, kinds
+    assert kinds["merge"] == merged(probes[-1]) - merged(probes[0]), (kinds, probes[-1])
+    assert kinds["unmerge"] == probes[-1]["unmerge"] - probes[0]["unmerge"], (kinds, probes[-1])
+    sharing = [v["pages_shared"] + v["pages_sharing"] for v in ksm]
+    assert sharing[-1] - sharing[0] == kinds["merge"] - kinds["unmerge"], (sharing, kinds)
+    last_merge = max(i for i, r in enumerate(recs) if r["kind"] == "merge")
+    last_probes = max(i for i, r in enumerate(recs) if r.get("group") == "ksm_probes")
+    assert last_probes > last_merge
