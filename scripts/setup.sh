@@ -25,11 +25,31 @@ if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
     apt_install python3-venv || { say "$PY cannot make a venv: install python3-venv"; exit 5; }
 fi
 
-stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
-if [ ! -e "$stamp" ]; then
+# Without PyPI (a patched host with no network), the same packages come from Debian.
+DEBIAN_PACKAGES=(python3-click python3-rich python3-numpy python3-pytest python3-hypothesis
+                 python3-pyelftools python3-setuptools python3-wheel)
+
+install_project() {
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
     say "installing dynvm-trace and its test tools into $VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+    if "$VENV/bin/python" -m pip install -q --disable-pip-version-check --retries 1 --timeout 20 \
+            -e "$ROOT[test]"; then
+        return 0
+    fi
+    say "PyPI cannot be reached: using Debian's packages instead (${DEBIAN_PACKAGES[*]})"
+    apt_install "${DEBIAN_PACKAGES[@]}" || true
+    rm -rf "$VENV"
+    "$PY" -m venv --system-site-packages "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-index --no-deps \
+        --no-build-isolation -e "$ROOT" \
+        || { say "cannot install dynvm-trace: install ${DEBIAN_PACKAGES[*]} and run this again"; exit 5; }
+    "$VENV/bin/python" -c 'import click, rich, numpy' 2>/dev/null \
+        || { say "$PY lacks click, rich or numpy: install ${DEBIAN_PACKAGES[*]}"; exit 5; }
+}
+
+stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
+if [ ! -e "$stamp" ]; then
+    install_project
     rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
@@ -61,8 +81,11 @@ else
     mountpoint -q /sys/kernel/tracing || { mount -t tracefs nodev /sys/kernel/tracing && say "mounted tracefs"; } || true
     mountpoint -q /sys/kernel/debug || { mount -t debugfs nodev /sys/kernel/debug && say "mounted debugfs"; } || true
 fi
-# bcc is Debian's python3-bpfcc, outside this venv's Python: a .pth file puts it on sys.path.
-if [ -d /usr/lib/python3/dist-packages/bcc ]; then
+# bcc is Debian's python3-bpfcc, outside this venv's Python (unless it is Debian's python3):
+# a .pth file puts a directory holding only a link to bcc on sys.path, not every Debian package.
+if [ -d /usr/lib/python3/dist-packages/bcc ] && ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; then
     site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    [ -e "$site/dynvm-bcc.pth" ] || echo /usr/lib/python3/dist-packages > "$site/dynvm-bcc.pth"
+    mkdir -p "$VENV/debian-bcc"
+    ln -sfn /usr/lib/python3/dist-packages/bcc "$VENV/debian-bcc/bcc"
+    echo "$VENV/debian-bcc" > "$site/dynvm-bcc.pth"
 fi
