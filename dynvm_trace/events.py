@@ -52,6 +52,10 @@ KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "counters": {"group": str, "values": dict},
     # count events were lost (where, why)
     "lost": {"count": int, "where": str, "why": str},
+    # events counted in the kernel instead of streamed (the ksm source under `top`): for one
+    # process (or none: the host), counts per record kind that happened in [ts, ts+window_ns];
+    # pages per reclaim kind. Aggregators add them as if they were that many records.
+    "tally": {"counts": dict, "pages": dict, "window_ns": int},
 }
 
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -64,6 +68,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "scan_end": ("seq",),
     "counters": ("group", "values"),
     "lost": ("count", "where", "why"),
+    "tally": ("counts",),
 }
 
 # Kinds that are page-sharing events, in the order views list them.

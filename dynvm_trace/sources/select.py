@@ -22,6 +22,7 @@ class SourceOptions:
     dialect: str | None = None  # emulate: override the scenario's pone dialect
     emulated_sysfs: Path | None = None  # emulate: where to write the emulated sysfs tree
     pids: tuple[int, ...] = ()  # ksm: processes to track besides those in KSM and qemu
+    stream: bool = True  # ksm: every event as a record; False: per-process tallies (top)
 
 
 def open_source(opts: SourceOptions, roots: Roots, warn=None) -> tuple[Source, str]:
@@ -50,7 +51,7 @@ def _open(name: str, opts: SourceOptions, roots: Roots, warn) -> Source:
                              dialect=opts.dialect, sysfs_root=opts.emulated_sysfs)
     if name == "ksm":
         from .ksm import KsmSource
-        return KsmSource(roots, pids=opts.pids, warn=warn)
+        return KsmSource(roots, pids=opts.pids, stream=opts.stream, warn=warn)
     check = {"pone": capabilities.pone_source, "ksm": capabilities.ksm_source}[name](roots)
     raise SourceUnavailable(f"{name} source unavailable: {check.detail}"
                             + (f"; {check.fix}" if check.fix else ""), exitcodes.MISSING_FEATURE)
