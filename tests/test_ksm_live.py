@@ -253,8 +253,8 @@ def test_burst_every_merge_logged_when_stopped_mid_burst(live, tmp_path):
 
 def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm):
     """The ksm source as `top` opens it (no ring buffer): per-process tallies read from the
-    kernel each interval give the workload's N merges and M COW breaks, and agree with the
-    in-kernel totals."""
+    kernel each interval give the workload's N merges and M COW breaks, also after it exited,
+    and agree with the in-kernel totals."""
     from dynvm_trace.aggregators import Aggregates
     from dynvm_trace.sources.ksm import KsmSource
 
@@ -274,8 +274,10 @@ def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm):
                 raise AssertionError(f"timed out in phase {phase[0]}")
             if phase[0] == "merge" and work.merging_pages() == N:
                 work.do(f"cow {M}")
-                phase[0], settle = "cow", time.monotonic() + 1.0
-            elif phase[0] == "cow" and time.monotonic() > settle:
+                work.do("exit")  # in the same interval: its last tallies must outlive it
+                work.proc.wait()
+                phase[0], settle = "exited", time.monotonic() + 1.0
+            elif phase[0] == "exited" and time.monotonic() > settle:
                 src.stop()
         counts = src.kernel_counts()
     finally:

@@ -164,6 +164,7 @@ class KsmSource(Source):
         self._last_dropped = 0
         self._tallied: dict[tuple[int, int], int] = {}  # (pid, kind) -> count at the last read
         self._last_ts: int | None = None
+        self._tally_gone: set[int] = set()  # exited pids whose tallies go after the next read
 
     # -- kernel side --------------------------------------------------------------------------
 
@@ -207,8 +208,7 @@ class KsmSource(Source):
             table = self.bpf[name]
             for key in [k for k in table.keys() if k.pid in gone]:
                 del table[key]
-        if not self.stream:
-            self._forget_tallies(gone)
+        self._tally_gone |= gone  # their last tallies are read first, at the next snapshot
         tracked = self.bpf["tracked"]
         for pid in gone:
             try:
@@ -363,6 +363,9 @@ class KsmSource(Source):
             # the window starts just after the previous snapshot: it comes after it in the log
             start = ts if self._last_ts is None else self._last_ts + 1
             events = self._tally_records(start, ts)
+            if self._tally_gone:
+                self._forget_tallies(self._tally_gone)
+                self._tally_gone = set()
         self._last_ts = ts
         return ts, events + self._lost(ts, counts) + counters
 
