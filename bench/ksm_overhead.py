@@ -2,7 +2,8 @@
 storm takes, with nothing attached and with each tracer attached, in one run, alternating
 (round by round), reported as medians and as ratios to the untraced median.
 
-Tracers: `top` (dynvm-trace's in-kernel counters only), `record` (every event to a log),
+Tracers: `top` (`dynvm-trace top --source ksm`: in-kernel counters and per-process tallies, no
+event stream), `top-probes` (the same probes without the CLI), `record` (every event to a log),
 `bpftrace` (a count and one histogram on the merge tracepoint), `perf` (perf record -e 'ksm:*').
 Loss: lost events reported by dynvm-trace's record; events bpftrace/perf saw against the
 kernel-side total.
@@ -31,7 +32,7 @@ WORKLOAD = ROOT / "tests" / "ksm_workload.py"
 KSM = Path("/sys/kernel/mm/ksm")
 KNOBS = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
 BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }")
-TRACERS = ("none", "top", "record", "bpftrace", "perf")
+TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes
 
 
 def ksm(name: str) -> int:
@@ -68,7 +69,13 @@ class Tracer:
     def __init__(self, kind: str, tmp: Path):
         self.kind, self.tmp, self.proc = kind, tmp, None
         dynvm = str(Path(sys.executable).with_name("dynvm-trace"))
-        if kind == "top":
+        if kind == "top":  # the real command: in-kernel tallies, aggregators, a line a second
+            self.proc = subprocess.Popen([dynvm, "top", "--source", "ksm", "--no-report"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, preexec_fn=_default_sigint)
+            first = self.proc.stdout.readline()  # the first line: attached
+            assert first, self.proc.stderr.read()
+        elif kind == "top-probes":  # the ksm source without the stream, no aggregators
             self.proc = subprocess.Popen([sys.executable, __file__, "--attach-only"],
                                          stdout=subprocess.PIPE, text=True,
                                          preexec_fn=_default_sigint)
@@ -100,6 +107,9 @@ class Tracer:
         self.proc.send_signal(signal.SIGINT)
         out, err = self.proc.communicate(timeout=120)
         if self.kind == "top":
+            lines = out.strip().splitlines()
+            return {"last_line": lines[-1] if lines else ""}
+        if self.kind == "top-probes":
             return json.loads(out)
         if self.kind == "record":
             merges = lost = 0

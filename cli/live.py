@@ -3,6 +3,8 @@ report of what it saw."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import click
@@ -122,6 +124,8 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
         output: Path | None, no_report: bool) -> int:
     """Live view: event rates, totals, per-VM table, agreement with the kernel's counters.
     Ends after --duration (or Ctrl-C), then prints the report of what it saw."""
+    # top aggregates in the kernel; the per-event stream only when recording too (-o)
+    source_opts = dataclasses.replace(source_opts, stream=output is not None)
     source, why = open_source(source_opts, env.roots, env.warn)
     env.note(why)
     header = source.header()

@@ -30,7 +30,8 @@ DEFAULT_STATUS = "released"
 HOST = "host"  # the per-VM key of records that name neither a VM nor a pid
 
 # Kinds whose records Totals must read beyond their kind.
-_TOTALS_DETAIL = frozenset(RECLAIM_KINDS + ("lost", "vm_exit"))
+_TOTALS_DETAIL = frozenset(RECLAIM_KINDS + ("lost", "vm_exit", "tally"))
+TALLY = "tally"  # events counted in the kernel, not streamed: see add_tally()
 
 
 def owner_label(key: str | int) -> str:
@@ -59,11 +60,26 @@ class Totals:
             if k == "vm_exit":
                 self.released_at_exit += r.get("released", 0)
                 continue
+            if k == TALLY:
+                self.add_tally(r)
+                continue
             n = r["pages"]
             pages[k] += n
             if k == "reclaim_release":
                 status = r.get("status", DEFAULT_STATUS)
                 release[status] = release.get(status, 0) + n
+
+    def add_tally(self, r: Record) -> None:
+        """A tally record counts as its counts' worth of records (and pages), not as itself."""
+        self.events.update(r["counts"])
+        self.events[TALLY] -= 1
+        if not self.events[TALLY]:
+            del self.events[TALLY]
+        for k, n in r.get("pages", {}).items():
+            if k in self.pages:
+                self.pages[k] += n
+                if k == "reclaim_release":
+                    self.release[DEFAULT_STATUS] += n
 
     def snapshot(self) -> dict[str, Any]:
         return {"events": dict(sorted(self.events.items())), "pages": dict(self.pages),
@@ -74,7 +90,7 @@ class Totals:
 # Per-VM columns, in table order: the first four count events, the last two sum pages.
 VM_COLUMNS = ("merges", "cow_breaks", "unmerges", "merge_fails", "released", "refaulted")
 _VM_COLUMN = {"merge": 0, "cow_break": 1, "unmerge": 2, "merge_fail": 3,
-              "reclaim_release": 4, "reclaim_refault": 5}
+              "reclaim_release": 4, "reclaim_refault": 5, TALLY: -1}
 
 
 class PerVM:
@@ -97,10 +113,22 @@ class PerVM:
             if row is None:
                 row = rows[key] = [0] * len(VM_COLUMNS)
             col = column[r["kind"]]
-            if col < 4:
+            if col < 0:
+                self.add_tally(row, r)
+            elif col < 4:
                 row[col] += 1
             elif col == 5 or r.get("status", DEFAULT_STATUS) == DEFAULT_STATUS:
                 row[col] += r["pages"]
+
+    @staticmethod
+    def add_tally(row: list[int], r: Record) -> None:
+        """A tally adds its counts to the event columns and its pages to the page columns."""
+        counts, pages = r["counts"], r.get("pages", {})
+        for kind, col in _VM_COLUMN.items():
+            if 0 <= col < 4:
+                row[col] += counts.get(kind, 0)
+            elif col >= 4:
+                row[col] += pages.get(kind, 0)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per VM, sorted by memory saved (largest first), then by name."""
@@ -122,6 +150,7 @@ class PerVM:
 # Kinds whose pages per second Rates reports: one page per merge-kind event, `pages` otherwise.
 RATE_PAGE_KINDS = MERGE_KINDS + RECLAIM_KINDS
 _RECLAIM = frozenset(RECLAIM_KINDS)
+_RATES_DETAIL = frozenset(RECLAIM_KINDS + (TALLY,))
 
 
 class Rates:
@@ -164,8 +193,21 @@ class Rates:
         kinds = list(map(kind_of, records))
         self._events.update(kinds)
         pages = self._pages
-        for r in compress(records, map(_RECLAIM.__contains__, kinds)):
-            pages[r["kind"]] += r["pages"]
+        for r in compress(records, map(_RATES_DETAIL.__contains__, kinds)):
+            if r["kind"] == TALLY:
+                self._add_tally(r)
+            else:
+                pages[r["kind"]] += r["pages"]
+
+    def _add_tally(self, r: Record) -> None:
+        """A tally (its ts: the start of the window it counts) adds its counts and pages."""
+        self._events.update(r["counts"])
+        self._events[TALLY] -= 1
+        if not self._events[TALLY]:
+            del self._events[TALLY]
+        for k, n in r.get("pages", {}).items():
+            if k in self._pages:
+                self._pages[k] += n
 
     def advance(self, now: int) -> None:
         """Time has reached `now`: complete the intervals that ended by then."""

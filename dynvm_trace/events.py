@@ -59,6 +59,10 @@ KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     # times the condition had been seen when it was raised
     "alert": {"alert": str, "message": str, "pages": int, "pfns": list, "addr": int,
               "worker": str, "count": int, "first_ts": int, "evidence": str},
+    # events counted in the kernel instead of streamed (the ksm source under `top`): for one
+    # process (or none: the host), counts per record kind that happened in [ts, ts+window_ns];
+    # pages per reclaim kind. Aggregators add them as if they were that many records.
+    "tally": {"counts": dict, "pages": dict, "window_ns": int},
 }
 
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -72,6 +76,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "counters": ("group", "values"),
     "lost": ("count", "where", "why"),
     "alert": ("alert", "message"),
+    "tally": ("counts",),
 }
 
 # Kinds that are page-sharing events, in the order views list them.

@@ -8,6 +8,7 @@
  *   HAVE_FALLOCATE, HAVE_MMAP_LOCK   one per tracepoint that exists with the fields used
  *   STREAM            open the per-event ring buffer (trace/record); without it only the
  *                     in-kernel counters and histograms are kept
+ *   TALLY             count events per (process, kind) in the kernel (top: no stream)
  *   RINGBUF_PAGES, MAX_PROCS, MAX_CHUNKS, MAX_RELEASE_CHUNKS   sizes
  *
  * Page sets (merged pages, released pages) are bitmaps per (process, 2 MiB-aligned chunk of
@@ -22,13 +23,15 @@
 enum {
     C_MERGE_NEW, C_MERGE_EXISTING, C_MERGE_ZERO, C_MERGE_FAIL, C_UNMERGE, C_UNMERGE_AFTER_COW,
     C_SCAN_START, C_SCAN_END, C_ENTER, C_EXIT, C_COW, C_RELEASE, C_RELEASE_PAGES,
-    C_RELEASE_UNTRACKED_PAGES, C_REFAULT, C_DROPPED, C_CHUNKS_FULL, C_UNRESOLVED_MM, N_COUNTERS
+    C_RELEASE_UNTRACKED_PAGES, C_REFAULT, C_DROPPED, C_CHUNKS_FULL, C_UNRESOLVED_MM,
+    C_TALLY_FULL, N_COUNTERS
 };
 
 /* event kinds: keep in step with EVENT_KINDS in dynvm_trace/sources/ksm.py */
 enum {
     E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START,
-    E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT
+    E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT,
+    E_RELEASE_PAGES  /* tallies only: pages of reclaim_release */
 };
 
 struct event {
@@ -69,6 +72,13 @@ BPF_HASH(pending, u64, struct pending_discard, 4096);  /* thread -> discard in p
 #ifdef STREAM
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #endif
+#ifdef TALLY
+struct tally_key {
+    u32 pid;
+    u32 kind;
+};
+BPF_PERCPU_HASH(tallies, struct tally_key, u64, MAX_PROCS);  /* (tgid, event kind) -> count */
+#endif
 
 static __always_inline void count(u32 idx, u64 n)
 {
@@ -77,8 +87,30 @@ static __always_inline void count(u32 idx, u64 n)
         *v += n;
 }
 
+static __always_inline void tally(u32 kind, u32 pid, u64 n)
+{
+#ifdef TALLY
+    struct tally_key key = {.pid = pid, .kind = kind};
+    u64 zero = 0;
+    u64 *v = tallies.lookup_or_try_init(&key, &zero);
+    if (v)
+        *v += n;
+    else
+        count(C_TALLY_FULL, 1);
+#endif
+}
+
+/* Every event: into the stream (trace/record) and/or the per-process tallies (top). */
 static __always_inline void emit(u32 kind, u32 pid, u64 mm, u64 pfn, u64 addr, u64 arg, u64 arg2)
 {
+#ifdef TALLY
+    tally(kind, pid, 1);
+    if (kind == E_RELEASE) {
+        tally(E_RELEASE_PAGES, pid, arg);
+        if (arg2 >> 1)
+            tally(E_UNMERGE, pid, arg2 >> 1);  /* merged pages the discard unmapped */
+    }
+#endif
 #ifdef STREAM
     struct event ev = {.ts = bpf_ktime_get_ns(), .mm = mm, .pfn = pfn, .addr = addr,
                        .arg = arg, .arg2 = arg2, .kind = kind, .pid = pid};

@@ -249,3 +249,45 @@ def test_burst_every_merge_logged_when_stopped_mid_burst(live, tmp_path):
     last_merge = max(i for i, r in enumerate(recs) if r["kind"] == "merge")
     last_probes = max(i for i, r in enumerate(recs) if r.get("group") == "ksm_probes")
     assert last_probes > last_merge
+
+
+def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm):
+    """The ksm source as `top` opens it (no ring buffer): per-process tallies read from the
+    kernel each interval give the workload's N merges and M COW breaks, also after it exited,
+    and agree with the in-kernel totals."""
+    from dynvm_trace.aggregators import Aggregates
+    from dynvm_trace.sources.ksm import KsmSource
+
+    src = KsmSource(Roots(), stream=False)
+    agg = Aggregates(4096, 200_000_000)
+    work = None
+    phase = ["merge"]
+    kinds: Counter[str] = Counter()
+    try:
+        work = Workload(N)
+        deadline = time.monotonic() + TIMEOUT
+        settle = None
+        for batch in src.batches(200_000_000, None):
+            agg.feed(batch.records, batch.now)
+            kinds.update(r["kind"] for r in batch.records)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out in phase {phase[0]}")
+            if phase[0] == "merge" and work.merging_pages() == N:
+                work.do(f"cow {M}")
+                work.do("exit")  # in the same interval: its last tallies must outlive it
+                work.proc.wait()
+                phase[0], settle = "exited", time.monotonic() + 1.0
+            elif phase[0] == "exited" and time.monotonic() > settle:
+                src.stop()
+        counts = src.kernel_counts()
+    finally:
+        src.close()
+        if work is not None:
+            work.close()
+    assert kinds["merge"] == 0 and kinds["cow_break"] == 0 and kinds["tally"] > 0
+    row = next(r for r in agg.per_vm.table() if r["vm"] == f"pid {work.pid}")
+    assert row["merges"] == N and row["cow_breaks"] == M
+    events = agg.totals.snapshot()["events"]
+    assert events["merge"] == counts["merge_new"] + counts["merge_existing"] + counts["merge_zero"]
+    assert events["cow_break"] == counts["cow_break"]
+    assert counts["tally_full"] == 0

@@ -15,7 +15,9 @@ Every interval the source reads the in-kernel counters (per-CPU, the totals) and
 snapshots: group "ksm" (/sys/kernel/mm/ksm), "vmstat" (cow_ksm, ksm_swpin_copy), "ksm_stat"
 (one record per tracked pid, with its pid) and "ksm_probes" (the in-kernel event counters).
 With the stream open (the default; trace and record need it) every event is also a record, and
-ring buffer overruns, counted in the kernel, become `lost` records.
+ring buffer overruns, counted in the kernel, become `lost` records. Without it (top) the kernel
+counts events per (process, kind) and every interval brings one `tally` record per process
+that had events: what happened in the window, counted in the kernel.
 
 A snapshot is retaken when an event lies within SNAPSHOT_GUARD_NS of it: an event whose
 tracepoint fired just before the snapshot may move its kernel counter just after (cow_ksm is
@@ -47,9 +49,16 @@ SRC = "ksm"
 COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge",
             "unmerge_after_cow", "scan_start", "scan_end", "ksm_enter", "ksm_exit", "cow_break",
             "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
-            "dropped", "page_set_full", "unresolved_mm")
+            "dropped", "page_set_full", "unresolved_mm", "tally_full")
 E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START, \
-    E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT = range(12)
+    E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT, E_RELEASE_PAGES = range(13)
+# Tallies (the in-kernel per-process counts, without the stream): event kind -> the record
+# kind it counts, and the kinds whose `pages` a tally carries.
+TALLY_KINDS = {E_MERGE_NEW: "merge", E_MERGE_EXISTING: "merge", E_MERGE_ZERO: "merge",
+               E_MERGE_FAIL: "merge_fail", E_UNMERGE: "unmerge", E_SCAN_START: "scan_start",
+               E_SCAN_END: "scan_end", E_COW: "cow_break", E_RELEASE: "reclaim_release",
+               E_REFAULT: "reclaim_refault"}
+TALLY_PAGES = {E_RELEASE_PAGES: "reclaim_release", E_REFAULT: "reclaim_refault"}
 EVENT = np.dtype([("ts", "<u8"), ("mm", "<u8"), ("pfn", "<u8"), ("addr", "<u8"), ("arg", "<u8"),
                   ("arg2", "<u8"), ("kind", "<u4"), ("pid", "<u4")])
 VMSTAT_KEYS = ("cow_ksm", "ksm_swpin_copy")
@@ -86,8 +95,7 @@ def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
               f"-DRMAP_ADDR_OFF={-1 if rmap_addr_off is None else rmap_addr_off}",
               f"-DMAX_PROCS={MAX_PROCS}", f"-DMAX_CHUNKS={MAX_CHUNKS}",
               f"-DMAX_RELEASE_CHUNKS={MAX_RELEASE_CHUNKS}", f"-DRINGBUF_PAGES={ringbuf_pages}"]
-    if stream:
-        flags.append("-DSTREAM")
+    flags.append("-DSTREAM" if stream else "-DTALLY")
     return flags
 
 
@@ -154,6 +162,9 @@ class KsmSource(Source):
         self._track(start_pids)
         self._held: list[dict[str, Any]] = []
         self._last_dropped = 0
+        self._tallied: dict[tuple[int, int], int] = {}  # (pid, kind) -> count at the last read
+        self._last_ts: int | None = None
+        self._tally_gone: set[int] = set()  # exited pids whose tallies go after the next read
 
     # -- kernel side --------------------------------------------------------------------------
 
@@ -197,6 +208,7 @@ class KsmSource(Source):
             table = self.bpf[name]
             for key in [k for k in table.keys() if k.pid in gone]:
                 del table[key]
+        self._tally_gone |= gone  # their last tallies are read first, at the next snapshot
         tracked = self.bpf["tracked"]
         for pid in gone:
             try:
@@ -204,6 +216,42 @@ class KsmSource(Source):
             except KeyError:
                 pass
         self.tracked -= gone
+
+    def read_tallies(self) -> dict[tuple[int, int], int]:
+        """The in-kernel per-(process, event kind) counts, summed over CPUs."""
+        return {(k.pid, k.kind): int(sum(v)) for k, v in self.bpf["tallies"].items()}
+
+    def _tally_records(self, start: int, ts: int) -> list[dict[str, Any]]:
+        """One `tally` per process with events since the last read: the window [start, ts]."""
+        now = self.read_tallies()
+        per_pid: dict[int, dict[str, dict[str, int]]] = {}
+        for (pid, kind), n in now.items():
+            delta = n - self._tallied.get((pid, kind), 0)
+            if delta <= 0:
+                continue
+            entry = per_pid.setdefault(pid, {"counts": {}, "pages": {}})
+            if kind in TALLY_KINDS:
+                name = TALLY_KINDS[kind]
+                entry["counts"][name] = entry["counts"].get(name, 0) + delta
+            if kind in TALLY_PAGES:
+                entry["pages"][TALLY_PAGES[kind]] = delta
+        self._tallied = now
+        out = []
+        for pid, entry in sorted(per_pid.items()):
+            if not entry["counts"]:
+                continue
+            rec = {"kind": "tally", "ts": start, "src": SRC, **self._who(pid),
+                   "window_ns": ts - start, "counts": entry["counts"]}
+            if entry["pages"]:
+                rec["pages"] = entry["pages"]
+            out.append(rec)
+        return out
+
+    def _forget_tallies(self, gone: set[int]) -> None:
+        table = self.bpf["tallies"]
+        for key in [k for k in table.keys() if k.pid in gone]:
+            del table[key]
+            self._tallied.pop((key.pid, key.kind), None)
 
     def kernel_counts(self) -> dict[str, int]:
         """The in-kernel event counters (summed over CPUs): the totals."""
@@ -311,6 +359,14 @@ class KsmSource(Source):
         self._held.sort(key=lambda r: r["ts"])
         n = next((i for i, r in enumerate(self._held) if r["ts"] > ts), len(self._held))
         events, self._held = self._held[:n], self._held[n:]
+        if not self.stream:
+            # the window starts just after the previous snapshot: it comes after it in the log
+            start = ts if self._last_ts is None else self._last_ts + 1
+            events = self._tally_records(start, ts)
+            if self._tally_gone:
+                self._forget_tallies(self._tally_gone)
+                self._tally_gone = set()
+        self._last_ts = ts
         return ts, events + self._lost(ts, counts) + counters
 
     def _lost(self, ts: int, counts: dict[str, int]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ class SourceOptions:
     dialect: str | None = None  # emulate: override the scenario's pone dialect
     emulated_sysfs: Path | None = None  # emulate: where to write the emulated sysfs tree
     pids: tuple[int, ...] = ()  # ksm: processes to track besides those in KSM and qemu
+    stream: bool = True  # ksm: every event as a record; False: per-process tallies (top)
 
 
 def open_source(opts: SourceOptions, roots: Roots, warn=None) -> tuple[Source, str]:
@@ -52,4 +53,4 @@ def _open(name: str, opts: SourceOptions, roots: Roots, warn) -> Source:
         from .pone import PoneSource
         return PoneSource(roots, warn=warn)
     from .ksm import KsmSource
-    return KsmSource(roots, pids=opts.pids, warn=warn)
+    return KsmSource(roots, pids=opts.pids, stream=opts.stream, warn=warn)
