@@ -1,8 +1,10 @@
 """Pure aggregators: totals, per-VM figures, rates per interval, last counter values.
 
-Every aggregator takes batches (lists of records, see events.py) through `feed(records)` and
-keeps state; `snapshot()` returns it as JSON-serialisable data. The same code serves live,
-emulated and replayed data. `Aggregates` fans each batch out to all of them.
+Every aggregator takes batches (lists of records, see events.py) through `feed(records, kinds)`
+(`kinds`: the records' kinds, which `Aggregates` computes once for all of them; an aggregator fed
+alone computes them) and keeps state; `snapshot()` returns it as JSON-serialisable data. The
+same code serves live, emulated and replayed data. `Aggregates` fans each batch out to all of
+them.
 
 Records are expected in timestamp order, as every source emits them (a counters record after
 the events it covers). The hot loops rely on that: they find interval and window boundaries by
@@ -48,8 +50,9 @@ class Totals:
         self.lost = 0
         self.released_at_exit = 0  # released pages a VM still had when it exited
 
-    def feed(self, records: list[Record]) -> None:
-        kinds = list(map(kind_of, records))
+    def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
+        if kinds is None:
+            kinds = list(map(kind_of, records))
         self.events.update(kinds)
         pages, release = self.pages, self.release
         for r in compress(records, map(_TOTALS_DETAIL.__contains__, kinds)):
@@ -105,9 +108,11 @@ class PerVM:
         self.page_size = page_size
         self.rows: dict[str | int, list[int]] = {}
 
-    def feed(self, records: list[Record]) -> None:
+    def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
+        if kinds is None:
+            kinds = list(map(kind_of, records))
         rows, column = self.rows, _VM_COLUMN
-        for r in compress(records, map(column.__contains__, map(kind_of, records))):
+        for r in compress(records, map(column.__contains__, kinds)):
             key = r.get("vm") or r.get("pid") or HOST
             row = rows.get(key)
             if row is None:
@@ -176,21 +181,22 @@ class Rates:
         assert self.t0 is not None
         return self.t0 + (self._index + 1) * self.interval_ns
 
-    def feed(self, records: list[Record]) -> None:
+    def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
         if not records:
             return
+        if kinds is None:
+            kinds = list(map(kind_of, records))
         if self.t0 is None:
             self.t0 = records[0]["ts"]
         start, n = 0, len(records)
         while start < n:
             stop = bisect_left(records, self._end(), start, n, key=ts_of)
-            self._count(records[start:stop])
+            self._count(records[start:stop], kinds[start:stop])
             if stop < n:
                 self.advance(records[stop]["ts"])
             start = stop
 
-    def _count(self, records: list[Record]) -> None:
-        kinds = list(map(kind_of, records))
+    def _count(self, records: list[Record], kinds: list[str]) -> None:
         self._events.update(kinds)
         pages = self._pages
         for r in compress(records, map(_RATES_DETAIL.__contains__, kinds)):
@@ -251,8 +257,10 @@ class LastCounters:
         self.groups: dict[str, dict[str, Any]] = {}
         self.per_pid: dict[str, dict[int, dict[str, Any]]] = {}
 
-    def feed(self, records: list[Record]) -> None:
-        for r in compress(records, map("counters".__eq__, map(kind_of, records))):
+    def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
+        if kinds is None:
+            kinds = list(map(kind_of, records))
+        for r in compress(records, map("counters".__eq__, kinds)):
             group = r["group"]
             if group in self.PER_PID_GROUPS:
                 self.per_pid.setdefault(group, {})[r.get("pid", 0)] = r["values"]
@@ -305,8 +313,9 @@ class Aggregates:
             self.last_ts = records[-1]["ts"]
             for i in range(0, len(records), CHUNK):
                 chunk = records[i:i + CHUNK]
+                kinds = list(map(kind_of, chunk))
                 for agg in self._aggregators:
-                    agg.feed(chunk)
+                    agg.feed(chunk, kinds)
         if now is not None:
             self.rates.advance(now)
 

@@ -158,8 +158,9 @@ class Correlation:
         # group -> (ts, values, running quantities) of its latest snapshot
         self._prev: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {}
 
-    def feed(self, records: list[Record]) -> None:
-        kinds = list(map(kind_of, records))
+    def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
+        if kinds is None:
+            kinds = list(map(kind_of, records))
         n, start = len(records), 0
         while start < n:
             try:
@@ -170,7 +171,7 @@ class Correlation:
                 if self._last_counters_ts is not None:
                     self.late_records += bisect_right(records, self._last_counters_ts,
                                                       start, stop, key=ts_of) - start
-                self.totals.feed(records[start:stop])
+                self.totals.feed(records[start:stop], kinds[start:stop])
             if stop < n:
                 self._snapshot_taken(records[stop])
             start = stop + 1

@@ -38,9 +38,11 @@ class Lifetimes:
         self.unmatched = 0
         self.total_ns = 0
 
-    def feed(self, records: list[Record]) -> None:
+    def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
+        if kinds is None:
+            kinds = list(map(kind_of, records))
         live, hist = self.live, self.hist
-        for r in compress(records, map(_KINDS.__contains__, map(kind_of, records))):
+        for r in compress(records, map(_KINDS.__contains__, kinds)):
             addr = r.get("addr")
             k = r["kind"]
             if addr is None:
