@@ -90,6 +90,12 @@ RULES: tuple[Rule, ...] = (
     Rule("ksm stream: cow breaks", "ksm_probes", ("cow_break",), (("cow_breaks", 1),)),
     Rule("ksm stream: released pages", "ksm_probes", ("released_pages",), (("released", 1),)),
     Rule("ksm stream: refaults", "ksm_probes", ("reclaim_refault",), (("refaulted", 1),)),
+    # The pone source's in-kernel counters against its own event stream (perf buffer losses).
+    Rule("pone stream: merges", "pone_probes", ("merge",), (("merges", 1),)),
+    Rule("pone stream: cow breaks", "pone_probes", ("cow_break",), (("cow_breaks", 1),)),
+    Rule("pone stream: unmerges", "pone_probes", ("unmerge",), (("unmerges", 1),)),
+    Rule("pone stream: released pages", "pone_probes", ("released",), (("released", 1),)),
+    Rule("pone stream: refaults", "pone_probes", ("refault",), (("refaulted", 1),)),
 )
 
 

@@ -175,7 +175,7 @@ def test_ksm_breaks_counted_a_scan_later_differ_then_catch_up():
 def test_rule_table_names_are_unique_and_groups_known():
     assert len({r.name for r in RULES}) == len(RULES)
     assert {r.group for r in RULES} == {"pone_info", "pone_abstract", "ksm", "vmstat",
-                                        "ksm_probes"}
+                                        "ksm_probes", "pone_probes"}
 
 
 def test_released_pages_given_up_at_vm_exit_are_not_a_difference():

@@ -271,6 +271,8 @@ def test_run1_through_the_fake_kernel_matches_the_emulator(tmp_path):
     mine_summary = summarize((src.header(), batches))
     theirs = summarize((emulated.source.header(), [emulated.records]))
     assert mine_summary["correlation"]["verdict"] == theirs["correlation"]["verdict"] == "agrees"
+    assert {r["rule"]: r["verdict"] for r in mine_summary["correlation"]["rules"]}[
+        "pone stream: cow breaks"] == "agrees"
     assert {r["rule"] for r in mine_summary["correlation"]["rules"]} >= {"merges",
                                                                          "sharing removed"}
     assert mine_summary["totals"]["events"] == theirs["totals"]["events"]
@@ -303,6 +305,7 @@ def test_perf_buffer_losses_become_lost_records(tmp_path):
     verdicts = {r["rule"]: r["verdict"] for r in summarize((src.header(), batches))
                 ["correlation"]["rules"]}
     assert verdicts["merges"] == "explained"
+    assert verdicts["pone stream: merges"] == "explained"  # the stream against its own counters
 
 
 def test_guide_dialect_adds_pone_abstract(tmp_path):
