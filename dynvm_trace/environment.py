@@ -3,7 +3,6 @@ the kernel-file roots. Tests build one around StringIO and run commands in-proce
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -20,12 +19,10 @@ class Environment:
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
     roots: Roots = field(default_factory=Roots.from_env)
-    is_root: bool = field(default_factory=lambda: os.geteuid() == 0)
 
     def __post_init__(self) -> None:
         self.stdout_isatty = _isatty(self.stdout)
         self.console = _console(self.stdout, self.stdout_isatty)
-        self.err_console = _console(self.stderr, _isatty(self.stderr))
 
     def out(self, text: str = "") -> None:
         """Plain text to stdout, exactly as given (no markup, no wrapping)."""

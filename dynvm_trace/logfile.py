@@ -230,7 +230,3 @@ class LogReader:
             lineno += block.count(b"\n")
             seen += len(block)
         return lineno
-
-
-def read_log(path: str | os.PathLike, warn: Warn | None = None) -> LogReader:
-    return LogReader(path, warn)

@@ -136,11 +136,6 @@ TRAPS: tuple[Trap, ...] = (
     Trap("rmap_walk_pone_anon", INLINED, "every call inlined, no symbol (\"not traceable\")"),
 )
 
-# pone.md: names that may appear twice in kallsyms; where they do, attach by address. (On the
-# kernel of fixtures/pone-virt_release, free_data and cluster_init appear once, next to
-# cluster_init.cold, and rmap_walk_anon_lock not at all.)
-KNOWN_DUPLICATE_NAMES = ("rmap_walk_anon_lock", "free_data", "cluster_init")
-
 # Symbols that say which kernel this is.
 HOST_MARKERS = ("change_reverse_ref", "insert_sd_tree", "pone_slice_alloc_process")
 GUEST_MARKERS = ("virt_mark_page_release", "virt_mark_page_alloc")

@@ -30,7 +30,6 @@ from .logfile import LogFormatError, LogWriter, make_header
 from .pone_sysfs import PONE_INFO_KEYS, STAT_END_LABELS, normalize_label, parse_value
 
 UPTIME, PPR = "uptime", "ppr"
-FORMATS = (UPTIME, PPR)
 
 # What the recordings do not say but a header needs (docs/event-log.md, "Imported recordings").
 KERNEL = "4.4.1"  # fixtures/pone-virt_release/README.md: Linux 4.4.1 with the Dynamic VM patch

@@ -69,11 +69,6 @@ class Symbol:
         return self.type.isupper()
 
     @property
-    def base_name(self) -> str:
-        """`foo` for `foo.cold`, `foo.constprop.0`, `foo.isra.0`, `foo.part.0.cold`; else name."""
-        return split_clone_suffix(self.name)[0]
-
-    @property
     def clone_suffix(self) -> str:
         """".cold", ".constprop.0", ... or "" for a symbol that is not a compiler clone."""
         return split_clone_suffix(self.name)[1]

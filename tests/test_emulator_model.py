@@ -390,13 +390,28 @@ def test_header():
     assert h["wall_anchor"]["ts"] == 0
 
 
-def test_speed_paces_in_real_time():
-    import time
-    src = EmulateSource(scenario(PRIMES.replace("duration = 100", "duration = 0.3")), speed=1.0)
-    t = time.monotonic()
+def test_speed_paces_against_the_wall_clock(monkeypatch):
+    """At speed 2, batch k (k x 100 ms of source time) is due k x 50 ms after the start."""
+    from dynvm_trace.sources import pacing
+    clock = [1000.0]
+    waits = []
+
+    class Stop:
+        def wait(self, seconds):  # what threading.Event.wait does for the pacer: time passes
+            waits.append(round(seconds, 6))
+            clock[0] += seconds
+
+        def is_set(self):
+            return False
+
+    real_pacer = pacing.Pacer
+    monkeypatch.setattr("dynvm_trace.sources.emulate.Pacer",
+                        lambda speed, stop, origin_ts: real_pacer(speed, Stop(), origin_ts,
+                                                                  clock=lambda: clock[0]))
+    src = EmulateSource(scenario(PRIMES.replace("duration = 100", "duration = 0.3")), speed=2.0)
     nows = [b.now for b in src.batches(SEC // 10, None)]
-    assert nows[-1] == 300_000_000
-    assert 0.25 < time.monotonic() - t < 1.5
+    assert nows == [100_000_000, 200_000_000, 300_000_000]
+    assert waits == [0.05, 0.05, 0.05]
 
 
 def test_shipped_scenarios_load():

@@ -43,8 +43,6 @@ import numpy as np
 from .scenario import KNOB_DEFAULTS, QEMU_COMM, Scenario, Step
 
 ABSENT, UNTRACKED, VOLATILE, AGED, WATCH, TREE, RELEASED, MARKED, MARKED_BAD, PINNED = range(10)
-STATE_NAMES = ("absent", "untracked", "volatile", "aged", "watch", "tree", "released",
-               "marked", "marked_bad", "pinned")
 
 BASE_CYCLE_NS = 5_000_000_000  # the daemon's base cycle (msleep(5000 - cost))
 MIN_PERIOD_MS = 5000
@@ -177,7 +175,6 @@ class Host:
         self.knob_hook: Callable[[Host], None] | None = None
         self.last_ts = -1
         self.end_ns = int(round(scenario.duration * 1e9))
-        self.finished = False
         # totals for invariants and views
         self.pages_scanned_total = 0
         self.cycles = 0
@@ -387,7 +384,6 @@ class Host:
             yield Chunk(t, [], dict(self.ctr), dict(self.threads))
             for recs in gen:
                 yield Chunk(t, recs, dict(self.ctr), dict(self.threads))
-        self.finished = True
 
     def _vm_start(self, v: int, t: int) -> Iterator[list]:
         self.alive[v] = True

@@ -16,7 +16,6 @@ one counters interval).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from ..emulator.model import SRC, Chunk, Host
 from ..emulator.scenario import DIALECTS, Scenario, ScenarioError, load_scenario
 from ..logfile import make_header
 from .base import Batch, Source
+from .pacing import Pacer, parse_speed
 
 BATCH_LIMIT = 65536
 
@@ -41,11 +41,7 @@ class EmulateSource(Source):
         if dialect is not None and dialect not in DIALECTS:
             raise ScenarioError(scenario.source, "dialect",
                                 f"unknown dialect {dialect!r} (one of {', '.join(DIALECTS)})")
-        if speed in ("max", "", 0):
-            speed = None
-        self.speed = None if speed is None else float(speed)
-        if self.speed is not None and self.speed <= 0:
-            raise ValueError("speed must be > 0 (or None / 'max')")
+        self.speed = parse_speed(speed) if isinstance(speed, str) else speed
         self.scenario = scenario
         self.seed = seed
         self.host = Host(scenario, seed, dialect)
@@ -57,7 +53,6 @@ class EmulateSource(Source):
             self.host.knob_hook = self._sync_knobs
             self.tree.write(self.host.counters_snapshot(), self.host.knobs)
         self.pages_scanned = 0
-        self.wall_seconds = 0.0
 
     def header(self) -> dict[str, Any]:
         return make_header("emulate", clock="emulated", page_size=self.scenario.page_size,
@@ -91,7 +86,7 @@ class EmulateSource(Source):
         snap = self.host.counters_snapshot()
         workers = dict(self.host.threads)
         now = 0
-        wall0 = time.monotonic()
+        pacer = Pacer(self.speed, self._stop, origin_ts=0)
         try:
             while not self.stopped:
                 now = min(now + interval_ns, end)
@@ -103,14 +98,13 @@ class EmulateSource(Source):
                     recs.extend(pending.records)
                     snap, workers = pending.counters, pending.workers
                     pending = next(chunks, None)
-                self._pace(wall0, now)
+                pacer.wait_until(now)
                 yield self._batch(now, recs, snap, workers, split=False)
                 if now >= end:
                     break
         finally:
             chunks.close()
             self.pages_scanned = self.host.pages_scanned_total
-            self.wall_seconds = time.monotonic() - wall0
 
     def _batch(self, now: int, recs: list[dict[str, Any]], snap: dict[str, int],
                workers: dict[str, int], split: bool) -> Batch:
@@ -121,13 +115,3 @@ class EmulateSource(Source):
             self._sync_knobs(self.host)
             self.tree.write(snap, self.host.knobs)
         return Batch(now, recs)
-
-    def _pace(self, wall0: float, now: int) -> None:
-        if self.speed is None:
-            return
-        target = wall0 + now / 1e9 / self.speed
-        while not self.stopped:
-            left = target - time.monotonic()
-            if left <= 0:
-                return
-            time.sleep(min(left, 0.1))
