@@ -131,7 +131,6 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
     header = source.header()
     agg = aggregates_for(header, int(interval * NS))
     writer = LogWriter(output, header) if output else None
-    state = {"now": None}
 
     def feed(batch: Batch) -> None:
         raised = agg.feed(batch.records, batch.now)  # aggregates and alerts
@@ -140,7 +139,6 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
         if raised and not env.stdout_isatty:
             for a in raised:
                 env.out(f"alert: {alert_line(a)}: {a['message']}")
-        state["now"] = batch.now
 
     short_why = why.split(" (")[0]
     try:
