@@ -173,7 +173,7 @@ def trace(env: Environment, source_opts: SourceOptions, interval: float, duratio
     def show(batch: Batch) -> None:
         recs = [r for r in batch.records if not wanted or r["kind"] in wanted]
         if as_json:
-            out.write("".join(jsonio.dumps(r).decode() + "\n" for r in recs))
+            out.write(jsonio.dumps_lines(recs).decode())
         else:
             out.write("".join(format_record(r) + "\n" for r in recs))
         out.flush()

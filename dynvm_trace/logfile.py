@@ -19,7 +19,7 @@ import platform
 import socket
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -70,12 +70,9 @@ class LogWriter:
         self.records = 0
         self._f.write(jsonio.dumps(header) + b"\n")
 
-    def write(self, records: Iterable[dict[str, Any]]) -> None:
-        dumps = jsonio.dumps
-        lines = [dumps(r) for r in records]
-        if lines:
-            self._f.write(b"\n".join(lines) + b"\n")
-            self.records += len(lines)
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self._f.write(jsonio.dumps_lines(records))
+        self.records += len(records)
 
     def flush(self) -> None:
         self._f.flush()
