@@ -112,15 +112,17 @@ class Tracer:
         if self.kind == "top-probes":
             return json.loads(out)
         if self.kind == "record":
-            merges = lost = 0
+            merges = cows = lost = 0
             with open(self.log) as f:
                 for line in f:
                     if '"kind":"merge"' in line:
                         merges += 1
+                    elif '"kind":"cow_break"' in line:
+                        cows += 1
                     elif '"kind":"lost"' in line:
                         lost += json.loads(line)["count"]
             self.log.unlink()
-            return {"merge_events": merges, "lost": lost,
+            return {"merge_events": merges, "cow_events": cows, "lost": lost,
                     "stderr": (self.tmp / "record.err").read_text().strip().splitlines()[-3:]}
         if self.kind == "bpftrace":
             m = re.search(r"@merges: (\d+)", out)

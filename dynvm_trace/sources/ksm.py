@@ -26,10 +26,11 @@ counted at the end of the fault the tracepoint saw begin).
 
 from __future__ import annotations
 
-import ctypes
+import bisect
 import errno
 import os
 import time
+from operator import itemgetter
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
@@ -42,6 +43,7 @@ from ..ksm_sysfs import read_ksm
 from ..logfile import make_header
 from ..paths import Roots, page_size
 from ..procfs import list_pids, read_comm, read_ksm_stat, read_vmstat
+from ..ringbuf import RingReader
 from .base import Batch, Source, SourceUnavailable
 
 SRC = "ksm"
@@ -64,11 +66,12 @@ EVENT = np.dtype([("ts", "<u8"), ("mm", "<u8"), ("pfn", "<u8"), ("addr", "<u8"),
 VMSTAT_KEYS = ("cow_ksm", "ksm_swpin_copy")
 SNAPSHOT_GUARD_NS = 2_000_000
 SNAPSHOT_RETRIES = 10
+_TS = itemgetter("ts")
 POLL_S = 0.02
-# Records taken from the ring buffer per consume call. libbpf's consume loops until the ring is
-# empty, which never happens while events arrive faster than Python takes them: the callback
-# ends a call after this many, so snapshots stay on time and a backlog stays in the kernel's
-# ring (where overruns are counted) instead of in this process's memory.
+# Records taken from the ring buffer per read (dynvm_trace/ringbuf.py: copied out in bulk, no
+# callback per record). While events arrive faster than they are taken the ring never empties:
+# taking at most this many at a time keeps snapshots on time and a backlog in the kernel's ring
+# (where overruns are counted) instead of in this process's memory.
 CONSUME_BUDGET = 16384
 MAX_PROCS = 65536
 MAX_CHUNKS = 1 << 18  # 2 MiB chunks per page set: 512 GiB of tracked guest RAM
@@ -151,10 +154,11 @@ class KsmSource(Source):
         bcc = bpf_host.import_bcc()
         self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
             self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages))
-        self._raw: list[bytes] = []
-        self._taken = 0  # records taken by the current consume call
+        self._chunks: list[np.ndarray] = []  # records taken from the ring, not yet decoded
+        self._ring: RingReader | None = None
         if stream:
-            self.bpf["events"].open_ring_buffer(self._on_event)
+            table = self.bpf["events"]
+            self._ring = RingReader.open(table.map_fd, table.max_entries, EVENT)
         self.anchor = (time.monotonic_ns(), time.time_ns())
         self._comms: dict[int, str] = {}
         self._vm_names = {vm.pid: vm.name for vm in vms.discover(roots)}
@@ -168,25 +172,21 @@ class KsmSource(Source):
 
     # -- kernel side --------------------------------------------------------------------------
 
-    def _on_event(self, ctx, data, size) -> int:  # noqa: ARG002 - bcc's callback signature
-        self._raw.append(ctypes.string_at(data, size))
-        self._taken += 1
-        return -1 if self._taken >= CONSUME_BUDGET else 0  # < 0: libbpf ends this consume
-
     def _consume(self) -> bool:
-        """One bounded consume of the ring buffer; whether it stopped at the budget (more
+        """One bounded read of the ring buffer; whether it stopped at the budget (more
         records may be waiting)."""
-        if not self.stream:
+        if self._ring is None:
             return False
-        self._taken = 0
-        self.bpf.ring_buffer_consume()
-        return self._taken >= CONSUME_BUDGET
+        evs = self._ring.read(CONSUME_BUDGET)
+        if len(evs):
+            self._chunks.append(evs)
+        return len(evs) >= CONSUME_BUDGET
 
     def _drain(self, until_ns: int | None = None) -> None:
         """Take records from the ring buffer until it is empty or, with until_ns, until one
         newer than until_ns has been taken (the ring is in reservation order)."""
         while self._consume():
-            if until_ns is not None and int.from_bytes(self._raw[-1][:8], "little") > until_ns:
+            if until_ns is not None and int(self._chunks[-1]["ts"][-1]) > until_ns:
                 return
 
     def _track(self, pids: set[int]) -> None:
@@ -282,28 +282,74 @@ class KsmSource(Source):
         return who
 
     def _decode(self) -> list[dict[str, Any]]:
-        if not self._raw:
+        """The records of the events taken from the ring, in time order. The bulk kinds
+        (merges, unmerges, COW breaks, refaults) are built column by column, one dict each;
+        the rare ones (merge failures, scans, discards) one event at a time."""
+        if not self._chunks:
             return []
-        evs = np.frombuffer(b"".join(self._raw), dtype=EVENT)
-        self._raw = []
-        evs = evs[np.argsort(evs["ts"], kind="stable")]
+        evs = self._chunks[0] if len(self._chunks) == 1 else np.concatenate(self._chunks)
+        self._chunks = []
+        ts_col = evs["ts"]
+        if len(evs) > 1 and np.any(ts_col[1:] < ts_col[:-1]):  # reservation order, mostly
+            evs = evs[np.argsort(ts_col, kind="stable")]
+        whos = {pid: self._who(pid) for pid in np.unique(evs["pid"]).tolist()}
+        kind = evs["kind"]
+        out: list[dict[str, Any]] = []
+        merge = kind <= E_MERGE_ZERO
+        if merge.any():
+            m = evs[merge] if not merge.all() else evs
+            into = ("new", "existing", "zero")
+            out = [{"kind": "merge", "ts": ts, "src": SRC, **whos[pid], "pfn": pfn,
+                    "into": into[k], "addr": addr} if addr else
+                   {"kind": "merge", "ts": ts, "src": SRC, **whos[pid], "pfn": pfn,
+                    "into": into[k]}
+                   for ts, pid, pfn, k, addr in zip(m["ts"].tolist(), m["pid"].tolist(),
+                                                    m["pfn"].tolist(), m["kind"].tolist(),
+                                                    m["addr"].tolist())]
+            if merge.all():
+                return out
+        runs = [out]
+        u = evs[kind == E_UNMERGE]
+        if len(u):
+            runs.append([{"kind": "unmerge", "ts": ts, "src": SRC, **whos[pid],
+                          "reason": "ksm page removed", "pfn": pfn, "addr": addr} if addr else
+                         {"kind": "unmerge", "ts": ts, "src": SRC, **whos[pid],
+                          "reason": "ksm page removed", "pfn": pfn}
+                         for ts, pid, pfn, addr in zip(u["ts"].tolist(), u["pid"].tolist(),
+                                                       u["pfn"].tolist(), u["addr"].tolist())])
+        c = evs[kind == E_COW]
+        if len(c):
+            runs.append([{"kind": "cow_break", "ts": ts, "src": SRC, **whos[pid], "addr": addr}
+                         for ts, pid, addr in zip(c["ts"].tolist(), c["pid"].tolist(),
+                                                  c["addr"].tolist())])
+        r = evs[kind == E_REFAULT]
+        if len(r):
+            runs.append([{"kind": "reclaim_refault", "ts": ts, "src": SRC, **whos[pid],
+                          "pages": pages, "addr": addr}
+                         for ts, pid, pages, addr in zip(r["ts"].tolist(), r["pid"].tolist(),
+                                                         r["arg"].tolist(), r["addr"].tolist())])
+        rare = evs[~np.isin(kind, (E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_UNMERGE,
+                                   E_COW, E_REFAULT))]
+        if len(rare):
+            runs.append(self._decode_rare(rare))
+        runs = [run for run in runs if run]
+        if len(runs) == 1:
+            return runs[0]
+        out = [rec for run in runs for rec in run]
+        out.sort(key=itemgetter("ts"))  # stable: a discard's unmerges stay before it
+        return out
+
+    def _decode_rare(self, evs: np.ndarray) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for ts, _mm, pfn, addr, arg, arg2, kind, pid in evs.tolist():
             rec: dict[str, Any] = {"kind": "", "ts": ts, "src": SRC, **self._who(pid)}
-            if kind in (E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO):
-                rec.update(kind="merge", pfn=pfn,
-                           into=("new", "existing", "zero")[kind - E_MERGE_NEW])
-            elif kind == E_MERGE_FAIL:
+            if kind == E_MERGE_FAIL:
                 code = -((arg ^ (1 << 63)) - (1 << 63))
                 rec.update(kind="merge_fail", reason=errno.errorcode.get(code, str(code)),
                            code=code, stage="zero page" if arg2 else "ksm page", pfn=pfn)
-            elif kind == E_UNMERGE:
-                rec.update(kind="unmerge", reason="ksm page removed", pfn=pfn)
             elif kind in (E_SCAN_START, E_SCAN_END):
                 rec.update(kind="scan_start" if kind == E_SCAN_START else "scan_end", seq=arg,
                            rmap_entries=arg2)
-            elif kind == E_COW:
-                rec.update(kind="cow_break")
             elif kind == E_RELEASE:
                 punch = arg2 & 1
                 rec.update(kind="reclaim_release", pages=arg,
@@ -313,8 +359,6 @@ class KsmSource(Source):
                     addr = 0
                 out.extend({"kind": "unmerge", "ts": ts, "src": SRC, **self._who(pid),
                             "reason": "released", "addr": addr} for _ in range(arg2 >> 1))
-            elif kind == E_REFAULT:
-                rec.update(kind="reclaim_refault", pages=arg)
             else:  # ksm_enter / ksm_exit: kept in the kernel's mm map, no record
                 continue
             if addr:
@@ -352,12 +396,12 @@ class KsmSource(Source):
             counters = self._counters(ts, counts)
             after = time.monotonic_ns()
             self._drain(until_ns=after + SNAPSHOT_GUARD_NS)
-            self._held.extend(self._decode())
-            if not any(ts - SNAPSHOT_GUARD_NS <= r["ts"] <= after for r in self._held):
+            self._hold(self._decode())
+            near = bisect.bisect_left(self._held, ts - SNAPSHOT_GUARD_NS, key=_TS)
+            if near == len(self._held) or self._held[near]["ts"] > after:
                 break
             time.sleep(SNAPSHOT_GUARD_NS / 1e9)
-        self._held.sort(key=lambda r: r["ts"])
-        n = next((i for i, r in enumerate(self._held) if r["ts"] > ts), len(self._held))
+        n = bisect.bisect_right(self._held, ts, key=_TS)
         events, self._held = self._held[:n], self._held[n:]
         if not self.stream:
             # the window starts just after the previous snapshot: it comes after it in the log
@@ -368,6 +412,15 @@ class KsmSource(Source):
                 self._tally_gone = set()
         self._last_ts = ts
         return ts, events + self._lost(ts, counts) + counters
+
+    def _hold(self, records: list[dict[str, Any]]) -> None:
+        """Add decoded records (in time order) to the held ones, keeping those in time order."""
+        if not records:
+            return
+        late = self._held and records[0]["ts"] < self._held[-1]["ts"]
+        self._held.extend(records)
+        if late:
+            self._held.sort(key=_TS)
 
     def _lost(self, ts: int, counts: dict[str, int]) -> list[dict[str, Any]]:
         dropped = counts["dropped"] - self._last_dropped
@@ -402,12 +455,16 @@ class KsmSource(Source):
                 break
             next_at += interval_ns
         self._drain(until_ns=time.monotonic_ns())
-        self._held.extend(self._decode())
+        self._hold(self._decode())
         if self._held:  # events after the last snapshot: still part of the log
             held, self._held = self._held, []
             yield Batch(held[-1]["ts"], held)
 
     def close(self) -> None:
+        ring = getattr(self, "_ring", None)
+        if ring is not None:
+            ring.close()
+            self._ring = None
         bpf = getattr(self, "bpf", None)
         if bpf is not None:
             bpf.cleanup()
