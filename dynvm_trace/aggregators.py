@@ -49,6 +49,7 @@ class Totals:
         self.release: dict[str, int] = dict.fromkeys(RELEASE_STATUSES, 0)
         self.lost = 0
         self.released_at_exit = 0  # released pages a VM still had when it exited
+        self.merged_at_exit = 0  # merged pages a process still had when it exited (ksm source)
 
     def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
         if kinds is None:
@@ -62,6 +63,7 @@ class Totals:
                 continue
             if k == "vm_exit":
                 self.released_at_exit += r.get("released", 0)
+                self.merged_at_exit += r.get("merged", 0)
                 continue
             if k == TALLY:
                 self.add_tally(r)
@@ -87,6 +89,7 @@ class Totals:
     def snapshot(self) -> dict[str, Any]:
         return {"events": dict(sorted(self.events.items())), "pages": dict(self.pages),
                 "release": dict(self.release), "released_at_exit": self.released_at_exit,
+                "merged_at_exit": self.merged_at_exit,
                 "lost": self.lost}
 
 

@@ -31,6 +31,7 @@ QUANTITIES: dict[str, Callable[[Totals], int]] = {
     "release_failed": lambda t: t.release["failed"],  # pages
     "refaulted": lambda t: t.pages["reclaim_refault"],  # pages
     "released_at_exit": lambda t: t.released_at_exit,  # pages, vm_exit's `released`
+    "merged_at_exit": lambda t: t.merged_at_exit,  # pages, vm_exit's `merged`
     "lost": lambda t: t.lost,
 }
 
@@ -56,7 +57,7 @@ class Rule:
         return text
 
 
-_MERGED_NOW = (("merges", 1), ("cow_breaks", -1), ("unmerges", -1))
+_MERGED_NOW = (("merges", 1), ("cow_breaks", -1), ("unmerges", -1), ("merged_at_exit", -1))
 _RECLAIMED_NOW = (("released", 1), ("refaulted", -1), ("released_at_exit", -1))
 
 RULES: tuple[Rule, ...] = (

@@ -47,7 +47,7 @@ KINDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     # a VM (qemu process) appeared, with pages of guest RAM, or went away; released: the
     # released (reclaimed) pages it still had, which the kernel stops counting at exit
     "vm_start": {"pages": int},
-    "vm_exit": {"released": int},
+    "vm_exit": {"released": int, "merged": int},
     # a snapshot of a group of kernel counters (group: pone_info, pone_abstract, ksm, vmstat,
     # ksm_stat, meminfo, workers); values maps the kernel's own labels to numbers
     "counters": {"group": str, "values": dict},

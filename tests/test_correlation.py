@@ -155,7 +155,7 @@ def test_ksm_rules_on_a_synthetic_stream():
     assert got["ksm merged now"]["verdict"] == "agrees"
     assert got["ksm merged now"]["approximate"] is True
     assert got["ksm merged now"]["counters"] == "Δpages_sharing + Δpages_shared"
-    assert got["ksm merged now"]["events"] == "merges - cow_breaks - unmerges"
+    assert got["ksm merged now"]["events"] == "merges - cow_breaks - unmerges - merged_at_exit"
     assert (got["ksm cow breaks"]["verdict"], got["ksm cow breaks"]["counters_total"]) == \
         ("agrees", 2048)
     assert c.verdict == "agrees"
@@ -191,3 +191,14 @@ def test_released_pages_given_up_at_vm_exit_are_not_a_difference():
     assert rule(c, "released in place")["verdict"] == "agrees"
     without_field = run([dict(r) for r in records[:4]] + [event("vm_exit", 11, "t", pid=1), records[5]])
     assert rule(without_field, "released in place")["verdict"] == "differs"
+
+
+def test_merged_pages_a_process_takes_away_at_exit_are_not_a_difference():
+    def ksm(ts: int, sharing: int) -> dict:
+        return event("counters", ts, "t", group="ksm", values={"pages_sharing": sharing,
+                                                                 "pages_shared": 0})
+    records = [ksm(0, 0), *merges(1, 4099), ksm(10_000, 4099),
+               event("vm_exit", 10_001, "t", pid=1, merged=4099), ksm(20_000, 0)]
+    assert rule(run(records), "ksm merged now")["verdict"] == "agrees"
+    without = [r for r in records if r["kind"] != "vm_exit"]
+    assert rule(run(without), "ksm merged now")["verdict"] == "differs"

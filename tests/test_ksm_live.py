@@ -263,6 +263,7 @@ def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm):
     work = None
     phase = ["merge"]
     kinds: Counter[str] = Counter()
+    exits: list[dict] = []
     try:
         work = Workload(N)
         deadline = time.monotonic() + TIMEOUT
@@ -270,6 +271,7 @@ def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm):
         for batch in src.batches(200_000_000, None):
             agg.feed(batch.records, batch.now)
             kinds.update(r["kind"] for r in batch.records)
+            exits += [r for r in batch.records if r["kind"] == "vm_exit"]
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out in phase {phase[0]}")
             if phase[0] == "merge" and work.merging_pages() == N:
@@ -291,3 +293,6 @@ def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm):
     assert events["merge"] == counts["merge_new"] + counts["merge_existing"] + counts["merge_zero"]
     assert events["cow_break"] == counts["cow_break"]
     assert counts["tally_full"] == 0
+    # the exit takes its still-merged pages away without events: vm_exit says how many, so
+    # the kernel's fall in pages_sharing + pages_shared is accounted for
+    assert [(r["pid"], r["merged"]) for r in exits] == [(work.pid, N - M)]

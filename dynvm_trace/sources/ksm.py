@@ -169,6 +169,7 @@ class KsmSource(Source):
         self._tallied: dict[tuple[int, int], int] = {}  # (pid, kind) -> count at the last read
         self._last_ts: int | None = None
         self._tally_gone: set[int] = set()  # exited pids whose tallies go after the next read
+        self._exits: list[dict[str, Any]] = []  # vm_exit records for the next snapshot
 
     # -- kernel side --------------------------------------------------------------------------
 
@@ -204,10 +205,18 @@ class KsmSource(Source):
         gone = {pid for pid in self.tracked if not self.roots.procfs(str(pid)).exists()}
         if not gone:
             return
+        left: dict[str, dict[int, int]] = {}  # page set -> pid -> pages still in it
         for name in ("merged", "released"):
-            table = self.bpf[name]
-            for key in [k for k in table.keys() if k.pid in gone]:
+            table, counts = self.bpf[name], left.setdefault(name, {})
+            for key, bits in [(k, v) for k, v in table.items() if k.pid in gone]:
+                counts[key.pid] = counts.get(key.pid, 0) + sum(w.bit_count() for w in bits.w)
                 del table[key]
+        # What an exit takes away without an event of its own: the kernel's counters drop by
+        # these pages (pages_sharing/pages_shared at ksmd's next scan), so correlation needs them.
+        now = time.monotonic_ns()
+        self._exits += [{"kind": "vm_exit", "ts": now, "src": SRC, **self._who(pid),
+                         "merged": left["merged"].get(pid, 0),
+                         "released": left["released"].get(pid, 0)} for pid in sorted(gone)]
         self._tally_gone |= gone  # their last tallies are read first, at the next snapshot
         tracked = self.bpf["tracked"]
         for pid in gone:
@@ -401,12 +410,14 @@ class KsmSource(Source):
             if near == len(self._held) or self._held[near]["ts"] > after:
                 break
             time.sleep(SNAPSHOT_GUARD_NS / 1e9)
+        self._hold(self._exits)
+        self._exits = []
         n = bisect.bisect_right(self._held, ts, key=_TS)
         events, self._held = self._held[:n], self._held[n:]
         if not self.stream:
             # the window starts just after the previous snapshot: it comes after it in the log
             start = ts if self._last_ts is None else self._last_ts + 1
-            events = self._tally_records(start, ts)
+            events = self._tally_records(start, ts) + events  # held: only the exits
             if self._tally_gone:
                 self._forget_tallies(self._tally_gone)
                 self._tally_gone = set()
