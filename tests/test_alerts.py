@@ -13,7 +13,7 @@ from dynvm_trace.alerts import MESSAGES, Alerts, interleave
 from dynvm_trace.emulator.model import THREADS
 from dynvm_trace.emulator.scenario import ScenarioError
 from dynvm_trace.events import event, problems
-from dynvm_trace.logfile import LogReader, LogWriter, make_header
+from dynvm_trace.logfile import LogReader, make_header
 from dynvm_trace.pone_threads import (PF_KTHREAD, PoneThread, list_pone_threads, parse_stat,
                                       workers_record, workers_values)
 from dynvm_trace.report import render_text, summarize

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import os
 import time
 from operator import itemgetter
 from collections.abc import Iterator

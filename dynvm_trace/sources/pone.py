@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import exitcodes, pone_probes, pone_sysfs
+from ..bpf_host import import_bcc
 from ..logfile import make_header
 from ..paths import Roots, page_size
 from ..pone_threads import list_pone_threads, workers_record
@@ -40,7 +40,6 @@ from ..vms import PONE_COMM, vm_name
 from .base import Batch, Source, SourceUnavailable
 
 SRC = "pone"
-BCC_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 SPDEAMON_COMM = "spdeamon"
 # Linux 4.4 x86-64 maps struct page array at this fixed address (vmemmap randomisation came
 # with CONFIG_RANDOMIZE_MEMORY in 4.8).
@@ -229,21 +228,6 @@ class Kernel(Protocol):
 
     def close(self) -> None:
         ...
-
-
-def import_bcc():
-    """Debian's python3-bpfcc, also from a venv that does not see the system packages."""
-    try:
-        import bcc  # noqa: PLC0415 - optional: only live tracing needs it
-    except ImportError:
-        if BCC_DIST_PACKAGES in sys.path or not os.path.isdir(BCC_DIST_PACKAGES):
-            raise
-        sys.path.append(BCC_DIST_PACKAGES)
-        import bcc  # noqa: PLC0415
-    if not hasattr(bcc, "BPF"):
-        raise ImportError(f"the bcc module at {bcc.__file__} is not the BPF Compiler Collection "
-                          "(PyPI's 'bcc' is another package)")
-    return bcc
 
 
 class BccKernel:
