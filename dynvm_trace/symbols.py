@@ -220,26 +220,22 @@ def parse_system_map(text: str, source: str = "") -> SymbolTable:
 
 def read_kallsyms(roots: Roots) -> SymbolTable:
     """/proc/kallsyms through `roots`. Raises SymbolsUnavailable when it cannot be read."""
-    path = roots.procfs("kallsyms")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise SymbolsUnavailable(f"{path}: {e.strerror or e}") from e
-    table = parse_kallsyms(text, str(path))
-    if not table.symbols:
-        raise SymbolsUnavailable(f"{path}: no symbols in it")
-    return table
+    return _read_table(roots.procfs("kallsyms"), parse_kallsyms, "")
 
 
 def read_system_map(path: str | os.PathLike) -> SymbolTable:
     """A System.map file. Raises SymbolsUnavailable when it cannot be read or holds nothing."""
+    return _read_table(Path(path), parse_system_map, " (is it a System.map?)")
+
+
+def _read_table(path: Path, parse, empty_hint: str) -> SymbolTable:
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise SymbolsUnavailable(f"{path}: {e.strerror or e}") from e
-    table = parse_system_map(text, str(path))
+    table = parse(text, str(path))
     if not table.symbols:
-        raise SymbolsUnavailable(f"{path}: no symbols in it (is it a System.map?)")
+        raise SymbolsUnavailable(f"{path}: no symbols in it{empty_hint}")
     return table
 
 
