@@ -78,6 +78,9 @@ struct tally_key {
     u32 kind;
 };
 BPF_PERCPU_HASH(tallies, struct tally_key, u64, MAX_PROCS);  /* (tgid, event kind) -> count */
+/* when this CPU last tallied an event (ns, CLOCK_MONOTONIC): a snapshot is retaken while an
+ * event lies near it (SNAPSHOT_GUARD_NS in dynvm_trace/sources/ksm.py) */
+BPF_PERCPU_ARRAY(last_tally, u64, 1);
 #endif
 
 static __always_inline void count(u32 idx, u64 n)
@@ -104,6 +107,10 @@ static __always_inline void tally(u32 kind, u32 pid, u64 n)
 static __always_inline void emit(u32 kind, u32 pid, u64 mm, u64 pfn, u64 addr, u64 arg, u64 arg2)
 {
 #ifdef TALLY
+    u32 zero = 0;
+    u64 *last = last_tally.lookup(&zero);
+    if (last)
+        *last = bpf_ktime_get_ns();
     tally(kind, pid, 1);
     if (kind == E_RELEASE) {
         tally(E_RELEASE_PAGES, pid, arg);
