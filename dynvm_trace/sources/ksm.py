@@ -51,7 +51,8 @@ SRC = "ksm"
 COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge",
             "unmerge_after_cow", "scan_start", "scan_end", "ksm_enter", "ksm_exit", "cow_break",
             "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
-            "dropped", "page_set_full", "unresolved_mm", "tally_full")
+            "dropped", "page_set_full", "unresolved_mm", "tally_full",
+            "unmerge_after_exit")
 E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START, \
     E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT, E_RELEASE_PAGES = range(13)
 # Tallies (the in-kernel per-process counts, without the stream): event kind -> the record
@@ -205,6 +206,14 @@ class KsmSource(Source):
         gone = {pid for pid in self.tracked if not self.roots.procfs(str(pid)).exists()}
         if not gone:
             return
+        # Untracked first: from then on the probe leaves their page sets alone (an exited
+        # process's rmap items that ksmd removes later are counted as unmerge_after_exit).
+        tracked = self.bpf["tracked"]
+        for pid in gone:
+            try:
+                del tracked[tracked.Key(pid)]
+            except KeyError:
+                pass
         left: dict[str, dict[int, int]] = {}  # page set -> pid -> pages still in it
         for name in ("merged", "released"):
             table, counts = self.bpf[name], left.setdefault(name, {})
@@ -218,12 +227,6 @@ class KsmSource(Source):
                          "merged": left["merged"].get(pid, 0),
                          "released": left["released"].get(pid, 0)} for pid in sorted(gone)]
         self._tally_gone |= gone  # their last tallies are read first, at the next snapshot
-        tracked = self.bpf["tracked"]
-        for pid in gone:
-            try:
-                del tracked[tracked.Key(pid)]
-            except KeyError:
-                pass
         self.tracked -= gone
 
     def read_tallies(self) -> dict[tuple[int, int], int]:
