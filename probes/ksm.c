@@ -24,7 +24,7 @@ enum {
     C_MERGE_NEW, C_MERGE_EXISTING, C_MERGE_ZERO, C_MERGE_FAIL, C_UNMERGE, C_UNMERGE_AFTER_COW,
     C_SCAN_START, C_SCAN_END, C_ENTER, C_EXIT, C_COW, C_RELEASE, C_RELEASE_PAGES,
     C_RELEASE_UNTRACKED_PAGES, C_REFAULT, C_DROPPED, C_CHUNKS_FULL, C_UNRESOLVED_MM,
-    C_TALLY_FULL, N_COUNTERS
+    C_TALLY_FULL, C_UNMERGE_AFTER_EXIT, N_COUNTERS
 };
 
 /* event kinds: keep in step with EVENT_KINDS in dynvm_trace/sources/ksm.py */
@@ -66,6 +66,8 @@ BPF_PERCPU_ARRAY(counts, u64, N_COUNTERS);
 BPF_HISTOGRAM(release_log2, int, 64);   /* pages per discard, log2 */
 BPF_HASH(tracked, u32, u8, MAX_PROCS);  /* tgids whose faults and discards are watched */
 BPF_HASH(mm_pid, u64, u32, MAX_PROCS);  /* mm -> tgid */
+/* mm -> tgid of processes that left KSM (ksm_exit): ksmd removes their rmap items later */
+BPF_TABLE("lru_hash", u64, u32, exited_mm, MAX_PROCS);
 BPF_HASH(merged, struct chunk_key, struct bits, MAX_CHUNKS);
 BPF_HASH(released, struct chunk_key, struct bits, MAX_CHUNKS);
 BPF_HASH(pending, u64, struct pending_discard, 4096);  /* thread -> discard in progress */
@@ -78,6 +80,9 @@ struct tally_key {
     u32 kind;
 };
 BPF_PERCPU_HASH(tallies, struct tally_key, u64, MAX_PROCS);  /* (tgid, event kind) -> count */
+/* when this CPU last tallied an event (ns, CLOCK_MONOTONIC): a snapshot is retaken while an
+ * event lies near it (SNAPSHOT_GUARD_NS in dynvm_trace/sources/ksm.py) */
+BPF_PERCPU_ARRAY(last_tally, u64, 1);
 #endif
 
 static __always_inline void count(u32 idx, u64 n)
@@ -104,6 +109,10 @@ static __always_inline void tally(u32 kind, u32 pid, u64 n)
 static __always_inline void emit(u32 kind, u32 pid, u64 mm, u64 pfn, u64 addr, u64 arg, u64 arg2)
 {
 #ifdef TALLY
+    u32 zero = 0;
+    u64 *last = last_tally.lookup(&zero);
+    if (last)
+        *last = bpf_ktime_get_ns();
     tally(kind, pid, 1);
     if (kind == E_RELEASE) {
         tally(E_RELEASE_PAGES, pid, arg);
@@ -225,6 +234,19 @@ TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
     u64 mm = (u64)args->mm;
     u32 pid = pid_of_mm(mm);
     u64 addr = rmap_address(args->rmap_item);
+    if (!pid) {
+        /* A process that exited: while it is still tracked its page set decides (a page
+         * still merged is an unmerge, and leaves the set vm_exit counts); once the reader
+         * dropped it, its vm_exit record has counted its merged pages already. */
+        u32 *gone = exited_mm.lookup(&mm);
+        if (gone) {
+            pid = *gone;
+            if (!tracked.lookup(&pid)) {
+                count(C_UNMERGE_AFTER_EXIT, 1);
+                return 0;
+            }
+        }
+    }
     if (pid && addr && tracked.lookup(&pid) && !page_bit(MERGED, pid, addr, 0)) {
         count(C_UNMERGE_AFTER_COW, 1);
         return 0;
@@ -261,6 +283,7 @@ TRACEPOINT_PROBE(ksm, ksm_enter)
     u32 pid = current_tgid();
     u8 one = 1;
     mm_pid.update(&mm, &pid);
+    exited_mm.delete(&mm);  /* a new mm at a freed one's address */
     tracked.update(&pid, &one);
     count(C_ENTER, 1);
     emit(E_ENTER, pid, mm, 0, 0, 0, 0);
@@ -272,6 +295,8 @@ TRACEPOINT_PROBE(ksm, ksm_exit)
     u64 mm = (u64)args->mm;
     u32 pid = pid_of_mm(mm);
     mm_pid.delete(&mm);
+    if (pid)
+        exited_mm.update(&mm, &pid);
     count(C_EXIT, 1);
     emit(E_EXIT, pid, mm, 0, 0, 0, 0);
     return 0;

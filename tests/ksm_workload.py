@@ -4,10 +4,12 @@
     cow M        writes distinct bytes into pages 0..M-1 (M COW breaks of merged pages)
     release K    MADV_DONTNEED on pages 0..K-1 (private already: no KSM page is involved)
     touch J      writes distinct bytes into pages 0..J-1 again (J refaults)
+    storm S      for S seconds, writes the fill bytes again into every page in turn: each write
+                 to a merged page is a COW break, and ksmd merges the page again (same bytes)
     wait         does nothing (the test polls the kernel meanwhile)
     exit
 
-Each command is answered with "ok". Used by tests/test_ksm_live.py and bench/ksm_overhead.py.
+Each command is answered with "ok". Used by tests/test_ksm_live.py, bench/ksm_overhead.py and bench/ksm_capacity.py.
 """
 
 from __future__ import annotations
@@ -32,11 +34,17 @@ def main() -> None:
     salt = 0
     for line in sys.stdin:
         cmd, *arg = line.split()
-        count = int(arg[0]) if arg else 0
+        count = int(arg[0]) if arg and cmd != "storm" else 0
         if cmd in ("cow", "touch"):
             salt += 1
             for i in range(count):
                 mem[i * ps:i * ps + 16] = salt.to_bytes(8, "little") + i.to_bytes(8, "little")
+        elif cmd == "storm":
+            import time
+            end, same = time.monotonic() + float(arg[0]), bytes([FILL]) * 8
+            while time.monotonic() < end:
+                for i in range(0, n * ps, ps):
+                    mem[i:i + 8] = same
         elif cmd == "release":
             mem.madvise(mmap.MADV_DONTNEED, 0, count * ps)
         elif cmd == "exit":

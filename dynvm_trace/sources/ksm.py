@@ -50,7 +50,8 @@ SRC = "ksm"
 COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge",
             "unmerge_after_cow", "scan_start", "scan_end", "ksm_enter", "ksm_exit", "cow_break",
             "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
-            "dropped", "page_set_full", "unresolved_mm", "tally_full")
+            "dropped", "page_set_full", "unresolved_mm", "tally_full",
+            "unmerge_after_exit")
 E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START, \
     E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT, E_RELEASE_PAGES = range(13)
 # Tallies (the in-kernel per-process counts, without the stream): event kind -> the record
@@ -204,6 +205,14 @@ class KsmSource(Source):
         gone = {pid for pid in self.tracked if not self.roots.procfs(str(pid)).exists()}
         if not gone:
             return
+        # Untracked first: from then on the probe leaves their page sets alone (an exited
+        # process's rmap items that ksmd removes later are counted as unmerge_after_exit).
+        tracked = self.bpf["tracked"]
+        for pid in gone:
+            try:
+                del tracked[tracked.Key(pid)]
+            except KeyError:
+                pass
         left: dict[str, dict[int, int]] = {}  # page set -> pid -> pages still in it
         for name in ("merged", "released"):
             table, counts = self.bpf[name], left.setdefault(name, {})
@@ -217,21 +226,21 @@ class KsmSource(Source):
                          "merged": left["merged"].get(pid, 0),
                          "released": left["released"].get(pid, 0)} for pid in sorted(gone)]
         self._tally_gone |= gone  # their last tallies are read first, at the next snapshot
-        tracked = self.bpf["tracked"]
-        for pid in gone:
-            try:
-                del tracked[tracked.Key(pid)]
-            except KeyError:
-                pass
         self.tracked -= gone
 
     def read_tallies(self) -> dict[tuple[int, int], int]:
         """The in-kernel per-(process, event kind) counts, summed over CPUs."""
         return {(k.pid, k.kind): int(sum(v)) for k, v in self.bpf["tallies"].items()}
 
-    def _tally_records(self, start: int, ts: int) -> list[dict[str, Any]]:
-        """One `tally` per process with events since the last read: the window [start, ts]."""
-        now = self.read_tallies()
+    def last_tally_ns(self) -> int:
+        """When the kernel last tallied an event (CLOCK_MONOTONIC ns, 0: never)."""
+        table = self.bpf["last_tally"]
+        return int(max(table[table.Key(0)]))
+
+    def _tally_records(self, start: int, ts: int,
+                       now: dict[tuple[int, int], int]) -> list[dict[str, Any]]:
+        """One `tally` per process with events since the last read (`now`, read_tallies()):
+        the window [start, ts]."""
         per_pid: dict[int, dict[str, dict[str, int]]] = {}
         for (pid, kind), n in now.items():
             delta = n - self._tallied.get((pid, kind), 0)
@@ -398,6 +407,8 @@ class KsmSource(Source):
     def _snapshot(self) -> tuple[int, list[dict[str, Any]]]:
         """Events up to a time no event is close to (see SNAPSHOT_GUARD_NS), then `lost`
         records, then the counter records taken at that time."""
+        if not self.stream:
+            return self._tally_snapshot()
         for _ in range(SNAPSHOT_RETRIES):
             ts = time.monotonic_ns()
             counts = self.kernel_counts()
@@ -413,13 +424,32 @@ class KsmSource(Source):
         self._exits = []
         n = bisect.bisect_right(self._held, ts, key=_TS)
         events, self._held = self._held[:n], self._held[n:]
-        if not self.stream:
-            # the window starts just after the previous snapshot: it comes after it in the log
-            start = ts if self._last_ts is None else self._last_ts + 1
-            events = self._tally_records(start, ts) + events  # held: only the exits
-            if self._tally_gone:
-                self._forget_tallies(self._tally_gone)
-                self._tally_gone = set()
+        self._last_ts = ts
+        return ts, events + self._lost(ts, counts) + counters
+
+    def _tally_snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        """Without the stream: the counters, then the tallies read after them, retaken (at most
+        SNAPSHOT_RETRIES times) until no event was tallied from SNAPSHOT_GUARD_NS before the
+        counters until the tallies were read. Then the window's tallies hold exactly the events
+        its counters moved by: none fell between the two reads, and the last one came early
+        enough for the kernel counter it moves late (cow_ksm, at the fault's end) to have moved.
+        The first snapshot's tallies (events since the probes attached) come before its
+        counters: they are in the totals, and in the counters baseline."""
+        for _ in range(SNAPSHOT_RETRIES):
+            ts = time.monotonic_ns()
+            counts = self.kernel_counts()
+            counters = self._counters(ts, counts)
+            tallies = self.read_tallies()
+            if self.last_tally_ns() < ts - SNAPSHOT_GUARD_NS:
+                break
+            time.sleep(SNAPSHOT_GUARD_NS / 1e9)
+        events, self._exits = self._exits, []  # vm_exit, taken before this snapshot
+        # the window starts just after the previous snapshot: it comes after it in the log
+        start = ts if self._last_ts is None else self._last_ts + 1
+        events = self._tally_records(start, ts, tallies) + events
+        if self._tally_gone:
+            self._forget_tallies(self._tally_gone)
+            self._tally_gone = set()
         self._last_ts = ts
         return ts, events + self._lost(ts, counts) + counters
 
