@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -182,24 +183,34 @@ def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
         assert corr["verdict"] == "agrees", corr
 
 
-def test_trace_json_lines_while_merging(fast_ksm):
+def test_trace_json_lines_while_merging(fast_ksm, tmp_path):
     pages = 512
-    trace = dynvm("trace", "--source", "ksm", "--json", "--interval", INTERVAL,
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = trace.stdout.readline()  # the first batch: the tracer is attached
-    assert first, trace.stderr.read()
-    work = Workload(pages)
+    errors = tmp_path / "trace.err"
+    with open(errors, "w") as err_file:
+        trace = dynvm("trace", "--source", "ksm", "--json", "--interval", INTERVAL,
+                      stdout=subprocess.PIPE, stderr=err_file, text=True)
+    lines: list[str] = []
+    # one reader for the whole output (mixing readline() with communicate() loses what
+    # readline had buffered), draining it all the time so the tracer never blocks on the pipe
+    reader = threading.Thread(target=lambda: lines.extend(trace.stdout), daemon=True)
+    reader.start()
+    work = None
     try:
+        wait_for("the tracer attached (its first batch)", lambda: lines or trace.poll() is not None)
+        assert lines, errors.read_text()
+        work = Workload(pages)
         wait_for(f"{pages} pages merged", lambda: work.merging_pages() == pages)
         time.sleep(3 * float(INTERVAL))
         trace.send_signal(signal.SIGINT)
-        out, err = trace.communicate(timeout=TIMEOUT)
+        trace.wait(timeout=TIMEOUT)
+        reader.join(timeout=TIMEOUT)
     finally:
         if trace.poll() is None:
             trace.kill()
-        work.close()
-    assert trace.returncode == 0, err
-    recs = [json.loads(line) for line in [first, *out.splitlines()]]
+        if work is not None:
+            work.close()
+    assert trace.returncode == 0, errors.read_text()
+    recs = [json.loads(line) for line in lines]
     assert all(isinstance(r, dict) and "kind" in r and "ts" in r for r in recs)
     merges = [r for r in recs if r["kind"] == "merge" and r.get("pid") == work.pid]
     assert len(merges) == pages
