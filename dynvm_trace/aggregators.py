@@ -94,9 +94,10 @@ class Totals:
 
 
 # Per-VM columns, in table order: the first four count events, the last two sum pages.
-VM_COLUMNS = ("merges", "cow_breaks", "unmerges", "merge_fails", "released", "refaulted")
+VM_COLUMNS = ("merges", "cow_breaks", "unmerges", "merge_fails", "released", "refaulted",
+              "merged_at_exit", "released_at_exit")
 _VM_COLUMN = {"merge": 0, "cow_break": 1, "unmerge": 2, "merge_fail": 3,
-              "reclaim_release": 4, "reclaim_refault": 5, TALLY: -1}
+              "reclaim_release": 4, "reclaim_refault": 5, TALLY: -1, "vm_exit": -2}
 
 
 class PerVM:
@@ -121,7 +122,10 @@ class PerVM:
             if row is None:
                 row = rows[key] = [0] * len(VM_COLUMNS)
             col = column[r["kind"]]
-            if col < 0:
+            if col == -2:  # what the exit took away without events of its own
+                row[6] += r.get("merged", 0)
+                row[7] += r.get("released", 0)
+            elif col < 0:
                 self.add_tally(row, r)
             elif col < 4:
                 row[col] += 1
@@ -135,7 +139,7 @@ class PerVM:
         for kind, col in _VM_COLUMN.items():
             if 0 <= col < 4:
                 row[col] += counts.get(kind, 0)
-            elif col >= 4:
+            elif 4 <= col < 6:
                 row[col] += pages.get(kind, 0)
 
     def table(self) -> list[dict[str, Any]]:
@@ -143,9 +147,10 @@ class PerVM:
         out = []
         for key, row in self.rows.items():
             d: dict[str, Any] = {"vm": owner_label(key), **dict(zip(VM_COLUMNS, row))}
-            d["shared_pages"] = d["merges"] - d["cow_breaks"] - d["unmerges"]
+            d["shared_pages"] = (d["merges"] - d["cow_breaks"] - d["unmerges"]
+                                 - d["merged_at_exit"])
             d["saved_bytes"] = d["shared_pages"] * self.page_size
-            d["reclaimed_pages"] = d["released"] - d["refaulted"]
+            d["reclaimed_pages"] = d["released"] - d["refaulted"] - d["released_at_exit"]
             d["reclaimed_bytes"] = d["reclaimed_pages"] * self.page_size
             out.append(d)
         out.sort(key=lambda d: (-d["saved_bytes"], d["vm"]))

@@ -211,7 +211,7 @@ def _correlation(c: dict[str, Any]) -> str:
     lines = [f"CORRELATION (counters vs events): {c['verdict']}"]
     if not c["rules"]:
         return lines[0]
-    lines.append(f"{'rule':<18} {'counters':<34} {'events':<40} {'windows':>8} "
+    lines.append(f"{'rule':<28} {'counters':<44} {'events':<48} {'windows':>8} "
                  f"{'difference':>11} {'verdict'}")
     for r in c["rules"]:
         verdict = r["verdict"]
@@ -219,7 +219,7 @@ def _correlation(c: dict[str, Any]) -> str:
             verdict = f"explained by {r['lost_in_explained']:,} lost events"
         if r["approximate"]:
             verdict += " (approximate)"
-        lines.append(f"{r['rule']:<18} {r['counters']:<34} {r['events']:<40} {r['windows']:>8,} "
+        lines.append(f"{r['rule']:<28} {r['counters']:<44} {r['events']:<48} {r['windows']:>8,} "
                      f"{r['difference_total']:>11,} {verdict}")
         w = r["worst"]
         if w is not None:

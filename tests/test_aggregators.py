@@ -96,11 +96,23 @@ def test_per_vm_keys_and_bytes_use_the_page_size():
     rows = {r["vm"]: r for r in v.table()}
     assert list(rows) == ["web", "pid 77", "host"]  # by memory saved
     assert rows["web"] == {"vm": "web", "merges": 7, "cow_breaks": 1, "unmerges": 1,
-                           "merge_fails": 0, "released": 0, "refaulted": 0, "shared_pages": 5,
+                           "merge_fails": 0, "released": 0, "refaulted": 0,
+                           "merged_at_exit": 0, "released_at_exit": 0, "shared_pages": 5,
                            "saved_bytes": 5 * 16384, "reclaimed_pages": 0, "reclaimed_bytes": 0}
     assert rows["pid 77"]["merge_fails"] == 1 and rows["pid 77"]["saved_bytes"] == 16384
     assert rows["host"]["released"] == 100
     assert rows["host"]["reclaimed_bytes"] == 70 * 16384
+
+
+def test_per_vm_counts_what_an_exit_took_away():
+    v = PerVM(4096)
+    v.feed([*[event("merge", i, "e", pid=9) for i in range(10)],
+            event("cow_break", 20, "e", pid=9),
+            event("reclaim_release", 21, "e", pid=9, pages=5),
+            event("vm_exit", 30, "e", pid=9, merged=9, released=5)])
+    (row,) = v.table()
+    assert (row["shared_pages"], row["reclaimed_pages"]) == (0, 0)
+    assert (row["merged_at_exit"], row["released_at_exit"]) == (9, 5)
 
 
 def test_rates_per_interval():
