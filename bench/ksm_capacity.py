@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from ksm_overhead import KSM, WORKLOAD, merging_pages, wait  # noqa: E402
+from ksm_overhead import KSM, WORKLOAD, exclusive_ksm, merging_pages, wait  # noqa: E402
 
 # the kinds the probe writes to the ring buffer (ksm_enter/ksm_exit are not logged as records)
 STREAMED = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge", "scan_start",
@@ -122,19 +122,20 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root")
     knobs = ("run", "pages_to_scan", "sleep_millisecs")
-    saved = {k: (KSM / k).read_text().strip() for k in knobs}
     rows = []
-    try:
-        (KSM / "sleep_millisecs").write_text("1")
-        (KSM / "run").write_text("1")
-        with tempfile.TemporaryDirectory() as tmp:
-            for pts in map(int, args.steps.split(",")):
-                row = step(pts, args, Path(tmp))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    finally:
-        for k in knobs:
-            (KSM / k).write_text(saved[k])
+    with exclusive_ksm():
+        saved = {k: (KSM / k).read_text().strip() for k in knobs}
+        try:
+            (KSM / "sleep_millisecs").write_text("1")
+            (KSM / "run").write_text("1")
+            with tempfile.TemporaryDirectory() as tmp:
+                for pts in map(int, args.steps.split(",")):
+                    row = step(pts, args, Path(tmp))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            for k in knobs:
+                (KSM / k).write_text(saved[k])
     print(f"\nring {args.ring_pages} pages, {args.workers} x {args.pages} pages, "
           f"{args.seconds:g} s per step")
     print(f"{'pages_to_scan':>13} {'offered/s':>10} {'offered':>9} {'logged':>9} {'lost':>8}")

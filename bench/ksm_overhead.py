@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "tests" / "ksm_workload.py"
+sys.path.insert(0, str(WORKLOAD.parent))
+from ksm_workload import exclusive_ksm  # noqa: E402
 KSM = Path("/sys/kernel/mm/ksm")
 KNOBS = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
 BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }")
@@ -186,8 +188,14 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root")
     tracers = args.tracers.split(",")
-    saved = {k: (KSM / k).read_text().strip() for k in KNOBS}
     results: dict[str, list[dict]] = {t: [] for t in tracers}
+    with exclusive_ksm():
+        run_rounds(args, tracers, results)
+    report(args, results)
+
+
+def run_rounds(args: argparse.Namespace, tracers: list[str], results: dict[str, list[dict]]) -> None:
+    saved = {k: (KSM / k).read_text().strip() for k in KNOBS}
     try:
         for k, v in KNOBS.items():
             (KSM / k).write_text(v)
@@ -202,6 +210,9 @@ def main() -> None:
     finally:
         for k in ("run", "pages_to_scan", "sleep_millisecs"):
             (KSM / k).write_text(saved[k])
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
     base = {key: statistics.median(r[key] for r in results["none"])
             for key in ("merge_s", "cow_s") if "none" in results and key in results["none"][0]}
     print(f"\n{args.pages} pages, {args.cow} COW breaks, {args.rounds} rounds (medians)")

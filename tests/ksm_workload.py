@@ -10,15 +10,32 @@
     exit
 
 Each command is answered with "ok". Used by tests/test_ksm_live.py, bench/ksm_overhead.py and bench/ksm_capacity.py.
+
+KSM is host-wide: two live test runs or benchmarks at once see each other's merges and move
+each other's counters. `exclusive_ksm()` serialises them (an flock on LOCK_PATH).
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LOCK_PATH = "/run/lock/dynvm-trace-ksm-live.lock"
 
 FILL = 0x5A  # not zero: use_zero_pages must not matter
+
+
+@contextmanager
+def exclusive_ksm() -> Iterator[None]:
+    """Hold the host's KSM for this process: waits while another live test run or benchmark
+    holds it."""
+    with open(LOCK_PATH, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def main() -> None:

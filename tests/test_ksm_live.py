@@ -28,6 +28,8 @@ from dynvm_trace.paths import Roots
 from dynvm_trace.procfs import read_ksm_stat
 from dynvm_trace.report import summarize
 
+from ksm_workload import exclusive_ksm
+
 N, M, K, J = 4099, 1031, 257, 127  # pages merged, COW-broken, released, refaulted
 WORKLOAD = Path(__file__).with_name("ksm_workload.py")
 KSM = Path("/sys/kernel/mm/ksm")
@@ -41,12 +43,14 @@ pytestmark = pytest.mark.live
 
 
 @pytest.fixture(scope="module")
-def live() -> None:
+def live() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("needs root (BPF, KSM knobs)")
     check = capabilities.ksm_source(Roots())
     if not check.ok:
         pytest.skip(f"ksm source unavailable here: {check.detail}")
+    with exclusive_ksm():
+        yield
 
 
 @contextmanager
