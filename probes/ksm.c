@@ -10,6 +10,12 @@
  *                     in-kernel counters and histograms are kept
  *   TALLY             count events per (process, kind) in the kernel (top: no stream)
  *   RINGBUF_PAGES, MAX_PROCS, MAX_CHUNKS, MAX_RELEASE_CHUNKS   sizes
+ *   PID_WORDS         u64 words of a bitmap of tgids: pid_max / 64, rounded up
+ *
+ * Which processes are tracked is asked on every user page fault of every process: two bitmaps
+ * indexed by tgid (array lookups, inlined by the verifier) answer it, where a hash lookup cost
+ * ~30 ns a fault. The kernel sets its bits (ksm_enter) and user space its own (processes in
+ * KSM at start, qemu, --pid), so neither overwrites a word the other is changing.
  *
  * Page sets (merged pages, released pages) are bitmaps per (process, 2 MiB-aligned chunk of
  * 512 pages): bounded, and one lookup per fault.
@@ -24,7 +30,7 @@ enum {
     C_MERGE_NEW, C_MERGE_EXISTING, C_MERGE_ZERO, C_MERGE_FAIL, C_UNMERGE, C_UNMERGE_AFTER_COW,
     C_SCAN_START, C_SCAN_END, C_ENTER, C_EXIT, C_COW, C_RELEASE, C_RELEASE_PAGES,
     C_RELEASE_UNTRACKED_PAGES, C_REFAULT, C_DROPPED, C_CHUNKS_FULL, C_UNRESOLVED_MM,
-    C_TALLY_FULL, C_UNMERGE_AFTER_EXIT, N_COUNTERS
+    C_TALLY_FULL, C_UNMERGE_AFTER_EXIT, C_PID_OUT_OF_RANGE, N_COUNTERS
 };
 
 /* event kinds: keep in step with EVENT_KINDS in dynvm_trace/sources/ksm.py */
@@ -64,8 +70,18 @@ struct pending_discard {
 
 BPF_PERCPU_ARRAY(counts, u64, N_COUNTERS);
 BPF_HISTOGRAM(release_log2, int, 64);   /* pages per discard, log2 */
-BPF_HASH(tracked, u32, u8, MAX_PROCS);  /* tgids whose faults and discards are watched */
-BPF_HASH(mm_pid, u64, u32, MAX_PROCS);  /* mm -> tgid */
+/* tgids whose faults and discards are watched: set by ksm_enter / by user space */
+BPF_ARRAY(tracked_kernel, u64, PID_WORDS);
+BPF_ARRAY(tracked_user, u64, PID_WORDS);
+BPF_HASH(entered, u32, u8, MAX_PROCS);  /* tgids that entered KSM, until user space takes them */
+/* A process's mm, as KSM knows it. With TALLY, its merges are counted here: a merge then costs
+ * one hash lookup (the mm's), where a per-process tally took a second one (~25 ns). */
+struct mm_info {
+    u32 pid;  /* tgid */
+    u32 pad;
+    u64 merges[3];  /* by event kind: E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO */
+};
+BPF_HASH(mm_pid, u64, struct mm_info, MAX_PROCS);
 /* mm -> tgid of processes that left KSM (ksm_exit): ksmd removes their rmap items later */
 BPF_TABLE("lru_hash", u64, u32, exited_mm, MAX_PROCS);
 BPF_HASH(merged, struct chunk_key, struct bits, MAX_CHUNKS);
@@ -80,9 +96,6 @@ struct tally_key {
     u32 kind;
 };
 BPF_PERCPU_HASH(tallies, struct tally_key, u64, MAX_PROCS);  /* (tgid, event kind) -> count */
-/* when this CPU last tallied an event (ns, CLOCK_MONOTONIC): a snapshot is retaken while an
- * event lies near it (SNAPSHOT_GUARD_NS in dynvm_trace/sources/ksm.py) */
-BPF_PERCPU_ARRAY(last_tally, u64, 1);
 #endif
 
 static __always_inline void count(u32 idx, u64 n)
@@ -109,10 +122,6 @@ static __always_inline void tally(u32 kind, u32 pid, u64 n)
 static __always_inline void emit(u32 kind, u32 pid, u64 mm, u64 pfn, u64 addr, u64 arg, u64 arg2)
 {
 #ifdef TALLY
-    u32 zero = 0;
-    u64 *last = last_tally.lookup(&zero);
-    if (last)
-        *last = bpf_ktime_get_ns();
     tally(kind, pid, 1);
     if (kind == E_RELEASE) {
         tally(E_RELEASE_PAGES, pid, arg);
@@ -133,10 +142,47 @@ static __always_inline u32 current_tgid(void)
     return bpf_get_current_pid_tgid() >> 32;
 }
 
+static __always_inline int is_tracked(u32 pid)
+{
+    u32 word = pid / 64;
+    u64 bit = 1ULL << (pid & 63);
+    u64 *k = tracked_kernel.lookup(&word);
+    u64 *u = tracked_user.lookup(&word);
+    return (k && (*k & bit)) || (u && (*u & bit));
+}
+
+/* Track (set=1) or stop tracking a tgid on the kernel's side. */
+static __always_inline void track_kernel(u32 pid, int set)
+{
+    u32 word = pid / 64;
+    u64 bit = 1ULL << (pid & 63);
+    u64 *k = tracked_kernel.lookup(&word);
+    if (!k) {
+        count(C_PID_OUT_OF_RANGE, 1);
+        return;
+    }
+    if (set)
+        __sync_fetch_and_or(k, bit);
+    else
+        __sync_fetch_and_and(k, ~bit);
+}
+
 static __always_inline u32 pid_of_mm(u64 mm)
 {
-    u32 *pid = mm_pid.lookup(&mm);
-    return pid ? *pid : 0;
+    struct mm_info *info = mm_pid.lookup(&mm);
+    return info ? info->pid : 0;
+}
+
+/* mm belongs to tgid pid (keeps the counts of a known mm). */
+static __always_inline void set_mm_pid(u64 mm, u32 pid)
+{
+    struct mm_info *info = mm_pid.lookup(&mm);
+    if (info) {
+        info->pid = pid;
+        return;
+    }
+    struct mm_info fresh = {.pid = pid};
+    mm_pid.update(&mm, &fresh);
 }
 
 static __always_inline u64 rmap_address(void *rmap_item)
@@ -187,15 +233,23 @@ static __always_inline int page_bit(int set_id, u32 pid, u64 addr, int set)
 
 static __always_inline void on_merge(u32 kind, u64 mm, u64 pfn, void *rmap_item)
 {
-    u32 pid = pid_of_mm(mm);
+    struct mm_info *info = mm_pid.lookup(&mm);
+    u32 pid = info ? info->pid : 0;
     u64 addr = rmap_address(rmap_item);
     if (!pid)
         count(C_UNRESOLVED_MM, 1);
-    else if (addr && kind != E_MERGE_ZERO && tracked.lookup(&pid))
+    else if (addr && kind != E_MERGE_ZERO && is_tracked(pid))
         page_bit(MERGED, pid, addr, 1);
     count(kind == E_MERGE_NEW ? C_MERGE_NEW : kind == E_MERGE_EXISTING ? C_MERGE_EXISTING
           : C_MERGE_ZERO, 1);
+#ifdef TALLY
+    if (info)
+        __sync_fetch_and_add(&info->merges[kind], 1);
+    else
+        tally(kind, pid, 1);
+#else
     emit(kind, pid, mm, pfn, addr, 0, 0);
+#endif
 }
 
 TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
@@ -241,13 +295,13 @@ TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
         u32 *gone = exited_mm.lookup(&mm);
         if (gone) {
             pid = *gone;
-            if (!tracked.lookup(&pid)) {
+            if (!is_tracked(pid)) {
                 count(C_UNMERGE_AFTER_EXIT, 1);
                 return 0;
             }
         }
     }
-    if (pid && addr && tracked.lookup(&pid) && !page_bit(MERGED, pid, addr, 0)) {
+    if (pid && addr && is_tracked(pid) && !page_bit(MERGED, pid, addr, 0)) {
         count(C_UNMERGE_AFTER_COW, 1);
         return 0;
     }
@@ -282,9 +336,10 @@ TRACEPOINT_PROBE(ksm, ksm_enter)
     u64 mm = (u64)args->mm;
     u32 pid = current_tgid();
     u8 one = 1;
-    mm_pid.update(&mm, &pid);
+    set_mm_pid(mm, pid);
     exited_mm.delete(&mm);  /* a new mm at a freed one's address */
-    tracked.update(&pid, &one);
+    track_kernel(pid, 1);
+    entered.update(&pid, &one);
     count(C_ENTER, 1);
     emit(E_ENTER, pid, mm, 0, 0, 0, 0);
     return 0;
@@ -293,10 +348,20 @@ TRACEPOINT_PROBE(ksm, ksm_enter)
 TRACEPOINT_PROBE(ksm, ksm_exit)
 {
     u64 mm = (u64)args->mm;
-    u32 pid = pid_of_mm(mm);
+    struct mm_info *info = mm_pid.lookup(&mm);
+    u32 pid = info ? info->pid : 0;
+#ifdef TALLY
+    if (info) {  /* its merge counts go with it: into the process's tallies */
+        for (int k = E_MERGE_NEW; k <= E_MERGE_ZERO; k++)
+            if (info->merges[k])
+                tally(k, pid, info->merges[k]);
+    }
+#endif
     mm_pid.delete(&mm);
-    if (pid)
+    if (pid) {
         exited_mm.update(&mm, &pid);
+        track_kernel(pid, 0);
+    }
     count(C_EXIT, 1);
     emit(E_EXIT, pid, mm, 0, 0, 0, 0);
     return 0;
@@ -311,9 +376,9 @@ TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
 {
     u64 mm = (u64)args->mm;
     u32 pid = current_tgid();
-    if (!tracked.lookup(&pid) || mm_pid.lookup(&mm))
+    if (!is_tracked(pid) || mm_pid.lookup(&mm))
         return 0;
-    mm_pid.update(&mm, &pid);
+    set_mm_pid(mm, pid);
     return 0;
 }
 #endif
@@ -323,7 +388,7 @@ TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
 TRACEPOINT_PROBE(exceptions, page_fault_user)
 {
     u32 pid = current_tgid();
-    if (!tracked.lookup(&pid))
+    if (!is_tracked(pid))
         return 0;
     u64 addr = args->address & ~((1ULL << PAGE_SHIFT_) - 1);
     if ((args->error_code & 3) == 3 && page_bit(MERGED, pid, addr, 0)) {
@@ -342,7 +407,7 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 static __always_inline void stash(u64 start, u64 len, u32 punch)
 {
     u32 pid = current_tgid();
-    if (!tracked.lookup(&pid))
+    if (!is_tracked(pid))
         return;
     u64 tid = bpf_get_current_pid_tgid();
     struct pending_discard d = {.start = start, .len = len, .punch = punch};

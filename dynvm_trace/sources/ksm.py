@@ -19,7 +19,8 @@ ring buffer overruns, counted in the kernel, become `lost` records. Without it (
 counts events per (process, kind) and every interval brings one `tally` record per process
 that had events: what happened in the window, counted in the kernel.
 
-A snapshot is retaken when an event lies within SNAPSHOT_GUARD_NS of it: an event whose
+A snapshot is retaken when an event lies within SNAPSHOT_GUARD_NS of it (with the stream: by
+the events' times; without it: the tallies read before and after must be equal): an event whose
 tracepoint fired just before the snapshot may move its kernel counter just after (cow_ksm is
 counted at the end of the fault the tracepoint saw begin).
 """
@@ -51,7 +52,7 @@ COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge"
             "unmerge_after_cow", "scan_start", "scan_end", "ksm_enter", "ksm_exit", "cow_break",
             "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
             "dropped", "page_set_full", "unresolved_mm", "tally_full",
-            "unmerge_after_exit")
+            "unmerge_after_exit", "pid_out_of_range")
 E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START, \
     E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT, E_RELEASE_PAGES = range(13)
 # Tallies (the in-kernel per-process counts, without the stream): event kind -> the record
@@ -76,6 +77,7 @@ CONSUME_BUDGET = 16384
 MAX_PROCS = 65536
 MAX_CHUNKS = 1 << 18  # 2 MiB chunks per page set: 512 GiB of tracked guest RAM
 MAX_RELEASE_CHUNKS = 32  # a discard marks at most 64 MiB for refault tracking
+PID_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: pid_max cannot exceed it
 RINGBUF_PAGES = 1 << 13  # 32 MiB: ~600 k events
 
 
@@ -97,7 +99,8 @@ def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
     flags += [f"-DPAGE_SHIFT_={page_size().bit_length() - 1}",
               f"-DRMAP_ADDR_OFF={-1 if rmap_addr_off is None else rmap_addr_off}",
               f"-DMAX_PROCS={MAX_PROCS}", f"-DMAX_CHUNKS={MAX_CHUNKS}",
-              f"-DMAX_RELEASE_CHUNKS={MAX_RELEASE_CHUNKS}", f"-DRINGBUF_PAGES={ringbuf_pages}"]
+              f"-DMAX_RELEASE_CHUNKS={MAX_RELEASE_CHUNKS}", f"-DRINGBUF_PAGES={ringbuf_pages}",
+              f"-DPID_WORDS={PID_LIMIT // 64}"]
     flags.append("-DSTREAM" if stream else "-DTALLY")
     return flags
 
@@ -190,29 +193,37 @@ class KsmSource(Source):
             if until_ns is not None and int(self._chunks[-1]["ts"][-1]) > until_ns:
                 return
 
+    def _set_tracked(self, pids: set[int], on: bool) -> None:
+        """Set or clear pids in user space's bitmap of tracked tgids (the kernel has its own,
+        for ksm_enter: see probes/ksm.c)."""
+        table = self.bpf["tracked_user"]
+        for word in {pid // 64 for pid in pids if pid < PID_LIMIT}:
+            key = table.Key(word)
+            bits = table[key].value
+            for pid in pids:
+                if pid // 64 == word:
+                    bits = bits | (1 << pid % 64) if on else bits & ~(1 << pid % 64)
+            table[key] = table.Leaf(bits)
+
     def _track(self, pids: set[int]) -> None:
-        table = self.bpf["tracked"]
-        one = table.Leaf(1)
-        for pid in pids - self.tracked:
-            table[table.Key(pid)] = one
+        self._set_tracked(pids - self.tracked, True)
         self.tracked |= pids
 
     def _refresh_tracked(self) -> None:
         """Take in the pids the kernel started tracking (ksm_enter); drop the ones that exited,
         with their page sets."""
-        kernel = {k.value for k in self.bpf["tracked"].keys()}
-        self.tracked |= kernel
+        entered = self.bpf["entered"]
+        kernel = {k.value for k in entered.keys()}
+        for pid in kernel:
+            del entered[entered.Key(pid)]
+        # user space holds them from now on: the kernel drops its own bit at ksm_exit
+        self._track(kernel)
         gone = {pid for pid in self.tracked if not self.roots.procfs(str(pid)).exists()}
         if not gone:
             return
         # Untracked first: from then on the probe leaves their page sets alone (an exited
         # process's rmap items that ksmd removes later are counted as unmerge_after_exit).
-        tracked = self.bpf["tracked"]
-        for pid in gone:
-            try:
-                del tracked[tracked.Key(pid)]
-            except KeyError:
-                pass
+        self._set_tracked(gone, False)
         left: dict[str, dict[int, int]] = {}  # page set -> pid -> pages still in it
         for name in ("merged", "released"):
             table, counts = self.bpf[name], left.setdefault(name, {})
@@ -229,13 +240,16 @@ class KsmSource(Source):
         self.tracked -= gone
 
     def read_tallies(self) -> dict[tuple[int, int], int]:
-        """The in-kernel per-(process, event kind) counts, summed over CPUs."""
-        return {(k.pid, k.kind): int(sum(v)) for k, v in self.bpf["tallies"].items()}
-
-    def last_tally_ns(self) -> int:
-        """When the kernel last tallied an event (CLOCK_MONOTONIC ns, 0: never)."""
-        table = self.bpf["last_tally"]
-        return int(max(table[table.Key(0)]))
+        """The in-kernel per-(process, event kind) counts, summed over CPUs. A process's merges
+        are counted with its mm (probes/ksm.c, struct mm_info) until it leaves KSM, then
+        added to its tallies: the tallies are read first, so a process leaving between the two
+        reads is counted at the next read, never twice."""
+        out = {(k.pid, k.kind): int(sum(v)) for k, v in self.bpf["tallies"].items()}
+        for info in self.bpf["mm_pid"].values():
+            for kind, n in enumerate(info.merges):  # E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO
+                if n:
+                    out[info.pid, kind] = out.get((info.pid, kind), 0) + n
+        return out
 
     def _tally_records(self, start: int, ts: int,
                        now: dict[tuple[int, int], int]) -> list[dict[str, Any]]:
@@ -428,21 +442,24 @@ class KsmSource(Source):
         return ts, events + self._lost(ts, counts) + counters
 
     def _tally_snapshot(self) -> tuple[int, list[dict[str, Any]]]:
-        """Without the stream: the counters, then the tallies read after them, retaken (at most
-        SNAPSHOT_RETRIES times) until no event was tallied from SNAPSHOT_GUARD_NS before the
-        counters until the tallies were read. Then the window's tallies hold exactly the events
-        its counters moved by: none fell between the two reads, and the last one came early
-        enough for the kernel counter it moves late (cow_ksm, at the fault's end) to have moved.
-        The first snapshot's tallies (events since the probes attached) come before its
-        counters: they are in the totals, and in the counters baseline."""
+        """Without the stream: the tallies, SNAPSHOT_GUARD_NS later the counters, then the
+        tallies again, retaken (at most SNAPSHOT_RETRIES times) until both tally reads are
+        equal: no event came from SNAPSHOT_GUARD_NS before the counters until the tallies were
+        read. Then the window's tallies hold exactly the events its counters moved by: none fell
+        between the two reads, and the last one came early enough for the kernel counter it
+        moves late (cow_ksm, at the fault's end) to have moved. (Comparing reads costs the
+        probes nothing; a clock read per event cost ~40 ns.) The first snapshot's tallies
+        (events since the probes attached) come before its counters: they are in the totals,
+        and in the counters baseline."""
         for _ in range(SNAPSHOT_RETRIES):
+            before = self.read_tallies()
+            time.sleep(SNAPSHOT_GUARD_NS / 1e9)
             ts = time.monotonic_ns()
             counts = self.kernel_counts()
             counters = self._counters(ts, counts)
             tallies = self.read_tallies()
-            if self.last_tally_ns() < ts - SNAPSHOT_GUARD_NS:
+            if tallies == before:
                 break
-            time.sleep(SNAPSHOT_GUARD_NS / 1e9)
         events, self._exits = self._exits, []  # vm_exit, taken before this snapshot
         # the window starts just after the previous snapshot: it comes after it in the log
         start = ts if self._last_ts is None else self._last_ts + 1
