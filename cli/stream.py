@@ -33,10 +33,8 @@ class Progress:
         self._shown = 0.0
 
     def __call__(self, batch: Batch) -> None:
-        for rec in batch.records:
-            self.kinds[rec["kind"]] += 1
-            if rec["kind"] == "lost":
-                self.lost += rec["count"]
+        self.kinds.update(batch.kind_counts())
+        self.lost += sum(r["count"] for r in batch.dict_records if r["kind"] == "lost")
         self.now = batch.now
         if time.monotonic() - self._shown >= 1.0:
             self._shown = time.monotonic()
@@ -72,9 +70,9 @@ def run_to_log(env: Environment, source: Source, interval: float, duration: floa
     alerts = Alerts()
 
     def write(batch: Batch) -> None:
-        raised = alerts.feed(batch.records)
+        raised = alerts.feed(batch.dict_records)  # column events (merges, COW breaks) raise none
         if writer:
-            writer.write(interleave(batch.records, raised))
+            writer.write_batch(batch, raised)
             writer.flush()
         for a in raised:
             env.warn(alert_note(a))

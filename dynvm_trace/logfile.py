@@ -22,10 +22,16 @@ import zlib
 from collections.abc import Callable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
 
 from . import __version__, jsonio
+from .alerts import interleave
 from .events import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from .sources.base import Batch
 
 FORMAT_NAME = "dynvm-trace-log"
 BLOCK = 1 << 20  # bytes read at a time
@@ -79,6 +85,27 @@ class LogWriter:
     def write(self, records: list[dict[str, Any]]) -> None:
         self._f.write(jsonio.dumps_lines(records))
         self.records += len(records)
+
+    def write_batch(self, batch: Batch, alerts: list[dict[str, Any]]) -> None:
+        """A batch and the alerts it raised, in time order. A batch's column events go in as
+        the columns' own JSON lines; its listed records (and the alerts) are spliced in where
+        their times fall, after column events of the same time."""
+        listed = interleave(batch.dict_records, alerts)
+        if batch.columns is None:
+            self.write(listed)
+            return
+        data, ends = batch.columns.json_lines()
+        view = memoryview(data)
+        cuts = np.searchsorted(batch.columns.ts, [r["ts"] for r in listed], side="right")
+        parts: list[bytes | memoryview] = []
+        done = 0
+        for cut, rec in zip(cuts.tolist(), listed):
+            upto = int(ends[cut - 1]) if cut else 0
+            parts += [view[done:upto], jsonio.dumps(rec) + b"\n"]
+            done = upto
+        parts.append(view[done:])
+        self._f.write(b"".join(parts))
+        self.records += len(batch.columns) + len(listed)
 
     def flush(self) -> None:
         self._f.flush()

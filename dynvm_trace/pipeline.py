@@ -18,7 +18,7 @@ def drive(source: Source, interval_ns: int, duration_ns: int | None,
     for batch in source.batches(interval_ns, duration_ns):
         for consume in consumers:
             consume(batch)
-        seen += len(batch.records)
+        seen += len(batch)
     return seen
 
 

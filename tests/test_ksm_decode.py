@@ -4,11 +4,15 @@ who counts as in KSM, and the decoding of ring buffer records into the event mod
 from __future__ import annotations
 
 import errno
+from collections import Counter
 
 import numpy as np
 
+from dynvm_trace import jsonio
+from dynvm_trace import ksm_columns as kc
+from dynvm_trace.logfile import LogWriter
 from dynvm_trace.paths import Roots
-from dynvm_trace.sources import ksm
+from dynvm_trace.sources.base import Batch
 from dynvm_trace.sources.ksm import EVENT, KsmSource, _defines, in_ksm
 
 
@@ -36,12 +40,27 @@ def test_in_ksm():
 
 
 def source(tmp_path, make_tree) -> KsmSource:
-    """A KsmSource with no kernel behind it: just what _decode uses."""
+    """A KsmSource with no kernel behind it: just what taking events in uses."""
     make_tree({"proc/42/comm": "qemu-kvm\n", "proc/7/comm": "python3\n"})
     src = object.__new__(KsmSource)
     src.roots = Roots(tmp_path / "sys", tmp_path / "proc")
     src._chunks, src._comms, src._vm_names = [], {}, {42: "guest1"}
+    src._bulk, src._held = np.zeros(0, dtype=EVENT), []
     return src
+
+
+def decode(src: KsmSource) -> list[dict]:
+    """The events taken from the ring as the records of one batch; the JSON lines its columns
+    make must be exactly those records' lines."""
+    src._take_in()
+    batch = src._release_held(None)
+    if batch is None:
+        return []
+    if batch.columns is not None:
+        data, ends = batch.columns.json_lines()
+        assert data == jsonio.dumps_lines(batch.columns.records())
+        assert ends[-1] == len(data) and len(ends) == len(batch.columns)
+    return batch.records
 
 
 def raw(*events: tuple) -> np.ndarray:
@@ -55,19 +74,19 @@ def test_decode_every_kind(tmp_path, make_tree):
     src = source(tmp_path, make_tree)
     neg = lambda e: (-e) & (2**64 - 1)  # noqa: E731 - err as the kernel's s64 in a u64
     src._chunks = [raw(
-        (50, ksm.E_MERGE_EXISTING, 42, 0x100, 0x7F0000001000, 0, 0),
-        (10, ksm.E_MERGE_NEW, 42, 0x101, 0x7F0000000000, 0, 0),  # out of order: sorted by ts
-        (60, ksm.E_MERGE_FAIL, 0, 0x102, 0, neg(errno.EBUSY), 0),
-        (70, ksm.E_SCAN_START, 0, 0, 0, 9, 1234),
-        (80, ksm.E_COW, 7, 0, 0x5000, 0, 0),
-        (90, ksm.E_RELEASE, 7, 0, 0x8000, 4, 1 << 1 | 0),  # madvise, unmapped 1 merged page
-        (95, ksm.E_RELEASE, 7, 0, 0x200000, 16, 1),         # punch hole at file offset
-        (99, ksm.E_REFAULT, 7, 0, 0x8000, 1, 0),
+        (50, kc.E_MERGE_EXISTING, 42, 0x100, 0x7F0000001000, 0, 0),
+        (10, kc.E_MERGE_NEW, 42, 0x101, 0x7F0000000000, 0, 0),  # out of order: sorted by ts
+        (60, kc.E_MERGE_FAIL, 0, 0x102, 0, neg(errno.EBUSY), 0),
+        (70, kc.E_SCAN_START, 0, 0, 0, 9, 1234),
+        (80, kc.E_COW, 7, 0, 0x5000, 0, 0),
+        (90, kc.E_RELEASE, 7, 0, 0x8000, 4, 1 << 1 | 0),  # madvise, unmapped 1 merged page
+        (95, kc.E_RELEASE, 7, 0, 0x200000, 16, 1),         # punch hole at file offset
+        (99, kc.E_REFAULT, 7, 0, 0x8000, 1, 0),
     ), raw(
-        (100, ksm.E_ENTER, 7, 0, 0, 0, 0),                   # kept in the kernel: no record
-        (110, ksm.E_UNMERGE, 0, 0x103, 0, 0, 0),
+        (100, kc.E_ENTER, 7, 0, 0, 0, 0),                   # kept in the kernel: no record
+        (110, kc.E_UNMERGE, 0, 0x103, 0, 0, 0),
     )]
-    recs = src._decode()
+    recs = decode(src)
     assert [r["kind"] for r in recs] == ["merge", "merge", "merge_fail", "scan_start",
                                          "cow_break", "unmerge", "reclaim_release",
                                          "reclaim_release", "reclaim_refault", "unmerge"]
@@ -93,9 +112,9 @@ def test_decode_every_kind(tmp_path, make_tree):
 
 def test_decode_merges_only_in_order_with_field_order(tmp_path, make_tree):
     src = source(tmp_path, make_tree)
-    src._chunks = [raw((5, ksm.E_MERGE_ZERO, 0, 0x1, 0, 0, 0)),
-                   raw((3, ksm.E_MERGE_NEW, 42, 0x2, 0x3000, 0, 0))]
-    recs = src._decode()
+    src._chunks = [raw((5, kc.E_MERGE_ZERO, 0, 0x1, 0, 0, 0)),
+                   raw((3, kc.E_MERGE_NEW, 42, 0x2, 0x3000, 0, 0))]
+    recs = decode(src)
     assert [list(r) for r in recs] == [
         ["kind", "ts", "src", "pid", "comm", "vm", "pfn", "into", "addr"],
         ["kind", "ts", "src", "pfn", "into"]]
@@ -104,14 +123,60 @@ def test_decode_merges_only_in_order_with_field_order(tmp_path, make_tree):
 
 def test_decode_nothing_and_unknown_errno(tmp_path, make_tree):
     src = source(tmp_path, make_tree)
-    assert src._decode() == []
-    src._chunks = [raw((1, ksm.E_MERGE_FAIL, 0, 0, 0, (-4000) & (2**64 - 1), 1))]
-    rec = src._decode()[0]
+    assert decode(src) == []
+    src._chunks = [raw((1, kc.E_MERGE_FAIL, 0, 0, 0, (-4000) & (2**64 - 1), 1))]
+    rec = decode(src)[0]
     assert rec["code"] == 4000 and rec["reason"] == "4000" and rec["stage"] == "zero page"
 
 
 def test_decode_gone_process_has_pid_but_no_comm(tmp_path, make_tree):
     src = source(tmp_path, make_tree)
-    src._chunks = [raw((1, ksm.E_COW, 999, 0, 0x1000, 0, 0))]
-    assert src._decode()[0] == {"kind": "cow_break", "ts": 1, "src": "ksm", "pid": 999,
+    src._chunks = [raw((1, kc.E_COW, 999, 0, 0x1000, 0, 0))]
+    assert decode(src)[0] == {"kind": "cow_break", "ts": 1, "src": "ksm", "pid": 999,
                                 "addr": 0x1000}
+
+
+def test_columns_print_what_their_records_print_for_any_mix():
+    """Kinds, processes (unknown ones, names to escape), addresses present or not, and numbers
+    of every digit count, interleaved row by row: the column-wise lines are the records'."""
+    rng = np.random.default_rng(7)
+    n = 997
+    ev = np.zeros(n, dtype=EVENT)
+    ev["ts"] = np.sort(rng.integers(0, 2**63, n, dtype=np.uint64) >> rng.integers(0, 63, n).astype(np.uint64))
+    ev["kind"] = rng.choice(kc.BULK_KINDS, n)
+    ev["pid"] = rng.choice([0, 7, 42, 4194303], n)
+    ev["addr"] = rng.integers(0, 2**47, n) * (rng.random(n) < 0.8)
+    ev["pfn"] = rng.integers(0, 2**40, n, dtype=np.uint64)
+    ev["arg"] = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+    names = {7: {"pid": 7, "comm": 'a "quoted" \\ name'}, 42: {"pid": 42, "comm": "qemu-kvm", "vm": "gä"},
+             4194303: {"pid": 4194303}}
+    cols = kc.EventColumns(ev, lambda pid: names.get(pid, {}), "ksm")
+    data, ends = cols.json_lines()
+    recs = cols.records()
+    assert data == jsonio.dumps_lines(recs)
+    assert ends.tolist() == np.cumsum([len(jsonio.dumps(r)) + 1 for r in recs]).tolist()
+    assert [jsonio.loads(line) for line in data.splitlines()] == recs
+    assert cols.kind_counts() == dict(Counter(r["kind"] for r in recs))
+
+
+def test_writer_splices_listed_records_and_alerts_between_column_lines(tmp_path):
+    ev = np.zeros(5, dtype=EVENT)
+    ev["ts"] = [10, 20, 30, 30, 40]
+    ev["kind"] = kc.E_COW
+    ev["pid"] = 7
+    ev["addr"] = [0x1000, 0x2000, 0x3000, 0x4000, 0x5000]
+    listed = [{"kind": "scan_start", "ts": 5, "src": "ksm", "seq": 1},
+              {"kind": "lost", "ts": 30, "src": "ksm", "count": 2},
+              {"kind": "counters", "ts": 50, "src": "ksm", "group": "ksm", "values": {}}]
+    alerts = [{"kind": "alert", "ts": 21, "src": "ksm", "alert": "x"}]
+    batch = Batch(50, listed, kc.EventColumns(ev, lambda pid: {"pid": pid}, "ksm"))
+    with LogWriter(tmp_path / "a.jsonl", {"kind": "header"}) as w:
+        w.write_batch(batch, alerts)
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines()[1:]
+    got = [(r["kind"], r["ts"]) for r in map(jsonio.loads, lines)]
+    assert got == [("scan_start", 5), ("cow_break", 10), ("cow_break", 20), ("alert", 21),
+                   ("cow_break", 30), ("cow_break", 30), ("lost", 30), ("cow_break", 40),
+                   ("counters", 50)]
+    assert w.records == 9 and len(batch) == 8
+    assert [(r["kind"], r["ts"]) for r in batch.records] == [x for x in got if x[0] != "alert"]
+    assert batch.kind_counts() == {"cow_break": 5, "scan_start": 1, "lost": 1, "counters": 1}

@@ -43,6 +43,9 @@ from ..ksm_sysfs import read_ksm
 from ..logfile import make_header
 from ..paths import Roots, page_size
 from ..procfs import list_pids, read_comm, read_ksm_stat, read_vmstat
+from ..ksm_columns import (BULK_KINDS, E_COW, E_MERGE_EXISTING, E_MERGE_FAIL, E_MERGE_NEW,
+                           E_MERGE_ZERO, E_REFAULT, E_RELEASE, E_RELEASE_PAGES, E_SCAN_END,
+                           E_SCAN_START, E_UNMERGE, EVENT, EventColumns)
 from ..ringbuf import RingReader
 from .base import Batch, Source, SourceUnavailable
 
@@ -53,8 +56,6 @@ COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge"
             "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
             "dropped", "page_set_full", "unresolved_mm", "tally_full",
             "unmerge_after_exit", "pid_out_of_range")
-E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_MERGE_FAIL, E_UNMERGE, E_SCAN_START, \
-    E_SCAN_END, E_ENTER, E_EXIT, E_COW, E_RELEASE, E_REFAULT, E_RELEASE_PAGES = range(13)
 # Tallies (the in-kernel per-process counts, without the stream): event kind -> the record
 # kind it counts, and the kinds whose `pages` a tally carries.
 TALLY_KINDS = {E_MERGE_NEW: "merge", E_MERGE_EXISTING: "merge", E_MERGE_ZERO: "merge",
@@ -62,8 +63,6 @@ TALLY_KINDS = {E_MERGE_NEW: "merge", E_MERGE_EXISTING: "merge", E_MERGE_ZERO: "m
                E_SCAN_END: "scan_end", E_COW: "cow_break", E_RELEASE: "reclaim_release",
                E_REFAULT: "reclaim_refault"}
 TALLY_PAGES = {E_RELEASE_PAGES: "reclaim_release", E_REFAULT: "reclaim_refault"}
-EVENT = np.dtype([("ts", "<u8"), ("mm", "<u8"), ("pfn", "<u8"), ("addr", "<u8"), ("arg", "<u8"),
-                  ("arg2", "<u8"), ("kind", "<u4"), ("pid", "<u4")])
 VMSTAT_KEYS = ("cow_ksm", "ksm_swpin_copy")
 SNAPSHOT_GUARD_NS = 2_000_000
 SNAPSHOT_RETRIES = 10
@@ -157,7 +156,8 @@ class KsmSource(Source):
         bcc = bpf_host.import_bcc()
         self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
             self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages))
-        self._chunks: list[np.ndarray] = []  # records taken from the ring, not yet decoded
+        self._chunks: list[np.ndarray] = []  # records taken from the ring, not yet taken in
+        self._bulk = np.zeros(0, dtype=EVENT)  # held bulk events (time order), not yet in a batch
         self._ring: RingReader | None = None
         if stream:
             table = self.bpf["events"]
@@ -167,7 +167,7 @@ class KsmSource(Source):
         self._vm_names = {vm.pid: vm.name for vm in vms.discover(roots)}
         self.tracked: set[int] = set()
         self._track(start_pids)
-        self._held: list[dict[str, Any]] = []
+        self._held: list[dict[str, Any]] = []  # held records of the rare kinds (time order)
         self._last_dropped = 0
         self._tallied: dict[tuple[int, int], int] = {}  # (pid, kind) -> count at the last read
         self._last_ts: int | None = None
@@ -312,63 +312,42 @@ class KsmSource(Source):
             who["vm"] = self._vm_names[pid]
         return who
 
-    def _decode(self) -> list[dict[str, Any]]:
-        """The records of the events taken from the ring, in time order. The bulk kinds
-        (merges, unmerges, COW breaks, refaults) are built column by column, one dict each;
-        the rare ones (merge failures, scans, discards) one event at a time."""
+    def _take_in(self) -> None:
+        """Move the events taken from the ring into the held ones, in time order: the bulk
+        kinds (merges, unmerges, COW breaks, refaults) stay columns, the rare ones (merge
+        failures, scans, discards) become records."""
         if not self._chunks:
-            return []
-        evs = self._chunks[0] if len(self._chunks) == 1 else np.concatenate(self._chunks)
+            return
+        evs = np.concatenate([self._bulk, *self._chunks])
         self._chunks = []
         ts_col = evs["ts"]
         if len(evs) > 1 and np.any(ts_col[1:] < ts_col[:-1]):  # reservation order, mostly
             evs = evs[np.argsort(ts_col, kind="stable")]
-        whos = {pid: self._who(pid) for pid in np.unique(evs["pid"]).tolist()}
-        kind = evs["kind"]
-        out: list[dict[str, Any]] = []
-        merge = kind <= E_MERGE_ZERO
-        if merge.any():
-            m = evs[merge] if not merge.all() else evs
-            into = ("new", "existing", "zero")
-            out = [{"kind": "merge", "ts": ts, "src": SRC, **whos[pid], "pfn": pfn,
-                    "into": into[k], "addr": addr} if addr else
-                   {"kind": "merge", "ts": ts, "src": SRC, **whos[pid], "pfn": pfn,
-                    "into": into[k]}
-                   for ts, pid, pfn, k, addr in zip(m["ts"].tolist(), m["pid"].tolist(),
-                                                    m["pfn"].tolist(), m["kind"].tolist(),
-                                                    m["addr"].tolist())]
-            if merge.all():
-                return out
-        runs = [out]
-        u = evs[kind == E_UNMERGE]
-        if len(u):
-            runs.append([{"kind": "unmerge", "ts": ts, "src": SRC, **whos[pid],
-                          "reason": "ksm page removed", "pfn": pfn, "addr": addr} if addr else
-                         {"kind": "unmerge", "ts": ts, "src": SRC, **whos[pid],
-                          "reason": "ksm page removed", "pfn": pfn}
-                         for ts, pid, pfn, addr in zip(u["ts"].tolist(), u["pid"].tolist(),
-                                                       u["pfn"].tolist(), u["addr"].tolist())])
-        c = evs[kind == E_COW]
-        if len(c):
-            runs.append([{"kind": "cow_break", "ts": ts, "src": SRC, **whos[pid], "addr": addr}
-                         for ts, pid, addr in zip(c["ts"].tolist(), c["pid"].tolist(),
-                                                  c["addr"].tolist())])
-        r = evs[kind == E_REFAULT]
-        if len(r):
-            runs.append([{"kind": "reclaim_refault", "ts": ts, "src": SRC, **whos[pid],
-                          "pages": pages, "addr": addr}
-                         for ts, pid, pages, addr in zip(r["ts"].tolist(), r["pid"].tolist(),
-                                                         r["arg"].tolist(), r["addr"].tolist())])
-        rare = evs[~np.isin(kind, (E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO, E_UNMERGE,
-                                   E_COW, E_REFAULT))]
-        if len(rare):
-            runs.append(self._decode_rare(rare))
-        runs = [run for run in runs if run]
-        if len(runs) == 1:
-            return runs[0]
-        out = [rec for run in runs for rec in run]
-        out.sort(key=itemgetter("ts"))  # stable: a discard's unmerges stay before it
-        return out
+        bulk = np.isin(evs["kind"], BULK_KINDS)
+        self._bulk = evs[bulk]
+        if not bulk.all():
+            self._hold(self._decode_rare(evs[~bulk]))
+
+    def _near(self, lo: int, hi: int) -> bool:
+        """Whether a held event lies in [lo, hi]."""
+        ts = self._bulk["ts"]
+        i = int(np.searchsorted(ts, lo))
+        if i < len(ts) and ts[i] <= hi:
+            return True
+        j = bisect.bisect_left(self._held, lo, key=_TS)
+        return j < len(self._held) and self._held[j]["ts"] <= hi
+
+    def _release_held(self, upto: int | None) -> Batch | None:
+        """The held events up to `upto` (all: None) as a batch (now: upto), no longer held."""
+        n = len(self._bulk) if upto is None else int(np.searchsorted(self._bulk["ts"], upto, side="right"))
+        bulk, self._bulk = self._bulk[:n], self._bulk[n:]
+        k = len(self._held) if upto is None else bisect.bisect_right(self._held, upto, key=_TS)
+        listed, self._held = self._held[:k], self._held[k:]
+        if upto is None:
+            if not len(bulk) and not listed:
+                return None
+            upto = max(int(bulk["ts"][-1]) if len(bulk) else 0, listed[-1]["ts"] if listed else 0)
+        return Batch(upto, listed, EventColumns(bulk, self._who, SRC))
 
     def _decode_rare(self, evs: np.ndarray) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -418,7 +397,7 @@ class KsmSource(Source):
                              **self._who(pid), "values": stat})
         return recs
 
-    def _snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+    def _snapshot(self) -> Batch:
         """Events up to a time no event is close to (see SNAPSHOT_GUARD_NS), then `lost`
         records, then the counter records taken at that time."""
         if not self.stream:
@@ -429,19 +408,18 @@ class KsmSource(Source):
             counters = self._counters(ts, counts)
             after = time.monotonic_ns()
             self._drain(until_ns=after + SNAPSHOT_GUARD_NS)
-            self._hold(self._decode())
-            near = bisect.bisect_left(self._held, ts - SNAPSHOT_GUARD_NS, key=_TS)
-            if near == len(self._held) or self._held[near]["ts"] > after:
+            self._take_in()
+            if not self._near(ts - SNAPSHOT_GUARD_NS, after):
                 break
             time.sleep(SNAPSHOT_GUARD_NS / 1e9)
         self._hold(self._exits)
         self._exits = []
-        n = bisect.bisect_right(self._held, ts, key=_TS)
-        events, self._held = self._held[:n], self._held[n:]
+        batch = self._release_held(ts)
+        batch.dict_records += self._lost(ts, counts) + counters
         self._last_ts = ts
-        return ts, events + self._lost(ts, counts) + counters
+        return batch
 
-    def _tally_snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+    def _tally_snapshot(self) -> Batch:
         """Without the stream: the tallies, SNAPSHOT_GUARD_NS later the counters, then the
         tallies again, retaken (at most SNAPSHOT_RETRIES times) until both tally reads are
         equal: no event came from SNAPSHOT_GUARD_NS before the counters until the tallies were
@@ -468,7 +446,7 @@ class KsmSource(Source):
             self._forget_tallies(self._tally_gone)
             self._tally_gone = set()
         self._last_ts = ts
-        return ts, events + self._lost(ts, counts) + counters
+        return Batch(ts, events + self._lost(ts, counts) + counters)
 
     def _hold(self, records: list[dict[str, Any]]) -> None:
         """Add decoded records (in time order) to the held ones, keeping those in time order."""
@@ -490,10 +468,10 @@ class KsmSource(Source):
     def batches(self, interval_ns: int, duration_ns: int | None) -> Iterator[Batch]:
         if interval_ns <= 0:
             raise ValueError("interval_ns must be > 0")
-        start, records = self._snapshot()
-        yield Batch(start, records)
-        next_at = start + interval_ns
-        end = None if duration_ns is None else start + duration_ns
+        first = self._snapshot()
+        yield first
+        next_at = first.now + interval_ns
+        end = None if duration_ns is None else first.now + duration_ns
         while True:
             due = next_at if end is None else min(next_at, end)
             while not self.stopped and time.monotonic_ns() < due:
@@ -506,16 +484,15 @@ class KsmSource(Source):
                 # the log, and the last counter snapshot is taken after it.
                 self._drain(until_ns=time.monotonic_ns())
             self._refresh_tracked()
-            ts, records = self._snapshot()
-            yield Batch(ts, records)
+            yield self._snapshot()
             if last:
                 break
             next_at += interval_ns
         self._drain(until_ns=time.monotonic_ns())
-        self._hold(self._decode())
-        if self._held:  # events after the last snapshot: still part of the log
-            held, self._held = self._held, []
-            yield Batch(held[-1]["ts"], held)
+        self._take_in()
+        rest = self._release_held(None)  # events after the last snapshot: still in the log
+        if rest is not None:
+            yield rest
 
     def close(self) -> None:
         ring = getattr(self, "_ring", None)
