@@ -6,9 +6,13 @@ Tracers: `top` (`dynvm-trace top --source ksm`: in-kernel counters and per-proce
 event stream), `top-probes` (the same probes without the CLI), `record` (every event to a log),
 `bpftrace` (a count and one histogram on the merge tracepoint), `perf` (perf record -e 'ksm:*').
 Loss: lost events reported by dynvm-trace's record; events bpftrace/perf saw against the
-kernel-side total.
+kernel-side total. Each tracer's own CPU time during the trial is reported too (`tracer_cpu_s`,
+user + system of its process); with --probe-cost, kernel.bpf_stats_enabled is turned on (and
+restored) and the time its BPF programs ran is read from the kernel (`probe_ms`, and per
+program: runs and ns per run). The statistics cost a little themselves: compare ratios from
+runs without it.
 
-    sudo .venv/bin/python bench/ksm_overhead.py [--pages 262144] [--rounds 3] [--cow 0]
+    sudo .venv/bin/python bench/ksm_overhead.py [--pages 262144] [--rounds 3] [--cow 0] [--probe-cost]
 
 Needs root. KSM knobs are restored at the end.
 """
@@ -33,6 +37,8 @@ sys.path.insert(0, str(WORKLOAD.parent))
 from ksm_workload import exclusive_ksm  # noqa: E402
 KSM = Path("/sys/kernel/mm/ksm")
 KNOBS = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }")
 TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes
 
@@ -57,6 +63,28 @@ def merging_pages(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def program_stats(pid: int) -> dict[int, tuple[int, int]]:
+    """The BPF programs a process holds: prog_id -> (runs, ns run), counted while
+    kernel.bpf_stats_enabled is 1."""
+    out = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:bpf-prog":
+                continue
+            info = dict(line.split(":", 1) for line in
+                        Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        out[int(info["prog_id"])] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+    return out
 
 
 def _default_sigint() -> None:
@@ -102,6 +130,26 @@ class Tracer:
                                          stderr=subprocess.PIPE, text=True,
                                          preexec_fn=_default_sigint)
             time.sleep(2.0)  # perf says nothing when it is attached
+
+    def start_trial(self) -> None:
+        """Take the tracer's CPU time and program statistics as the trial begins."""
+        if self.proc is not None:
+            self.cpu0, self.progs0 = cpu_seconds(self.proc.pid), program_stats(self.proc.pid)
+
+    def cost(self) -> dict:
+        """The tracer's CPU time, and its programs' runs and time, since start_trial()."""
+        if self.proc is None:
+            return {}
+        out: dict = {"tracer_cpu_s": round(cpu_seconds(self.proc.pid) - self.cpu0, 3)}
+        progs = []
+        for prog, (runs, ns) in program_stats(self.proc.pid).items():
+            runs0, ns0 = self.progs0.get(prog, (0, 0))
+            if ns > ns0:
+                progs.append((runs - runs0, ns - ns0))
+        if progs:
+            out["probe_ms"] = round(sum(ns for _, ns in progs) / 1e6, 1)
+            out["probes"] = [f"{runs} runs {ns / runs:.0f} ns" for runs, ns in sorted(progs, reverse=True)]
+        return out
 
     def stop(self) -> dict:
         if self.proc is None:
@@ -180,6 +228,8 @@ def main() -> None:
     ap.add_argument("--cow", type=int, default=0, help="COW breaks per trial (0: none)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tracers", default=",".join(TRACERS))
+    ap.add_argument("--probe-cost", action="store_true",
+                    help="turn on kernel.bpf_stats_enabled and report the programs' run time")
     ap.add_argument("--attach-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.attach_only:
@@ -196,20 +246,26 @@ def main() -> None:
 
 def run_rounds(args: argparse.Namespace, tracers: list[str], results: dict[str, list[dict]]) -> None:
     saved = {k: (KSM / k).read_text().strip() for k in KNOBS}
+    saved_stats = BPF_STATS.read_text().strip()
     try:
+        if args.probe_cost:
+            BPF_STATS.write_text("1")
         for k, v in KNOBS.items():
             (KSM / k).write_text(v)
         with tempfile.TemporaryDirectory() as tmp:
             for rnd in range(args.rounds):
                 for kind in tracers:
                     tracer = Tracer(kind, Path(tmp))
+                    tracer.start_trial()
                     r = trial(args.pages, args.cow)
+                    r.update(tracer.cost())
                     r.update(tracer.stop())
                     results[kind].append(r)
                     print(f"round {rnd} {kind:<9} {json.dumps(r)}", flush=True)
     finally:
         for k in ("run", "pages_to_scan", "sleep_millisecs"):
             (KSM / k).write_text(saved[k])
+        BPF_STATS.write_text(saved_stats)
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
@@ -221,6 +277,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
         for key, b in base.items():
             med = statistics.median(r[key] for r in rs)
             cells.append(f"{key} {med:.3f} s ({(med / b - 1) * 100:+.1f} %)")
+        for key, unit in (("tracer_cpu_s", "s"), ("probe_ms", "ms")):
+            if all(key in r for r in rs):
+                cells.append(f"{key} {statistics.median(r[key] for r in rs):g} {unit}")
         print(f"{kind:<9} " + "  ".join(cells))
 
 
