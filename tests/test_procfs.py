@@ -1,6 +1,8 @@
-"""procfs: vmstat, ksm_stat, comm and the pid list, on literal file contents."""
+"""procfs: vmstat, ksm_stat, comm, the pid list, maps and fds, on literal file contents."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -81,3 +83,68 @@ def test_gone_process_and_old_kernel(proc, tmp_path):
 def test_read_vmstat_missing_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         procfs.read_vmstat(Roots(tmp_path, tmp_path))
+
+
+MAPS = ("55d0c8a00000-55d0c8a2c000 r--p 00000000 fe:00 26723                      "
+        "/usr/bin/qemu-system-x86_64\n"
+        "55d0c9000000-55d0c9400000 rw-p 00000000 00:00 0                          [heap]\n"
+        "7f3d40000000-7f3d80000000 rw-s 00000000 00:01 2049                       "
+        "/memfd:pc.ram (deleted)\n"
+        "7f3d90000000-7f3d90001000 r--s 00001000 103:02 7                         "
+        "/var/lib/guest ram (2).img\n"
+        "7ffd1c3f2000-7ffd1c413000 rw-p 00000000 00:00 0 \n")
+
+
+def test_parse_maps():
+    maps = procfs.parse_maps(MAPS)
+    assert [m.path for m in maps] == ["/usr/bin/qemu-system-x86_64", "[heap]",
+                                      "/memfd:pc.ram (deleted)", "/var/lib/guest ram (2).img", ""]
+    ram = maps[2]
+    assert (ram.start, ram.end, ram.perms, ram.offset, ram.inode) == (
+        0x7F3D40000000, 0x7F3D80000000, "rw-s", 0, 2049)
+    assert ram.dev == os.makedev(0, 1) and ram.shared and not maps[0].shared
+    assert maps[3].dev == os.makedev(0x103, 2) and maps[3].offset == 0x1000
+    assert maps[1].inode == 0
+
+
+def test_parse_maps_truncated_and_garbled():
+    text = ("bogus\n"
+            "7f3d40000000-7f3d80000000 rw-s 00000000 00:01\n"          # no inode
+            "7f3d40000000-7f3d80000000 rw-s 00000000 zz:01 5 /x\n"     # bad device
+            "7f3d40000000-7f3d80000000 rw-s 00000000 fffffffff:01 5\n" # device out of range
+            "7f3d80000000-7f3d40000000 rw-s 00000000 00:01 5\n"        # end before start
+            "7f3d40000000-7f3d80000000 rw 00000000 00:01 5\n"          # short perms
+            "\n"
+            "7f3d40000000-7f3d40001000 rw-s 00000000 00:01 6 /memfd:a (deleted)\r\n"
+            "7f3d50000000-7f3d5")                                      # cut short
+    maps = procfs.parse_maps(text)
+    assert [(m.start, m.inode, m.path) for m in maps] == [
+        (0x7F3D40000000, 6, "/memfd:a (deleted)")]
+    assert procfs.parse_maps("") == []
+
+
+@pytest.fixture
+def fds(tmp_path, make_tree):
+    """A process (pid 42) with fds 3 (a file), 5 (closed while the directory is read) and
+    the maps that go with them."""
+    make_tree({"data/ram.img": "x" * 4096, "proc/42/maps": MAPS})
+    fd_dir = tmp_path / "proc/42/fd"
+    fd_dir.mkdir()
+    (fd_dir / "3").symlink_to(tmp_path / "data/ram.img")
+    (fd_dir / "5").symlink_to(tmp_path / "data/gone")
+    (fd_dir / "notes").symlink_to(tmp_path / "data/ram.img")  # not an fd: ignored
+    return Roots(tmp_path / "sys", tmp_path / "proc")
+
+
+def test_fd_readers(fds, tmp_path):
+    st = os.stat(tmp_path / "data/ram.img")
+    assert procfs.read_fd_files(fds, 42) == {3: (st.st_dev, st.st_ino)}
+    assert procfs.read_fd_block_size(fds, 42, 3) == os.statvfs(tmp_path / "data/ram.img").f_bsize
+    assert procfs.read_fd_block_size(fds, 42, 5) is None
+    assert procfs.read_maps(fds, 42)[2].path == "/memfd:pc.ram (deleted)"
+
+
+def test_fd_readers_gone_process(fds):
+    assert procfs.read_fd_files(fds, 4242) is None
+    assert procfs.read_fd_block_size(fds, 4242, 3) is None
+    assert procfs.read_maps(fds, 4242) is None
