@@ -52,7 +52,7 @@ TRACEPOINTS: tuple[Tracepoint, ...] = (
     Tracepoint("syscalls", "sys_enter_madvise", ("start", "len_in", "behavior"),
                "reclaim (MADV_DONTNEED/MADV_REMOVE)"),
     Tracepoint("syscalls", "sys_exit_madvise", ("ret",), "reclaim (MADV_DONTNEED/MADV_REMOVE)"),
-    Tracepoint("syscalls", "sys_enter_fallocate", ("mode", "offset", "len"),
+    Tracepoint("syscalls", "sys_enter_fallocate", ("fd", "mode", "offset", "len"),
                "reclaim (fallocate PUNCH_HOLE)"),
     Tracepoint("syscalls", "sys_exit_fallocate", ("ret",), "reclaim (fallocate PUNCH_HOLE)"),
 )

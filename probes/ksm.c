@@ -9,7 +9,7 @@
  *   STREAM            open the per-event ring buffer (trace/record); without it only the
  *                     in-kernel counters and histograms are kept
  *   TALLY             count events per (process, kind) in the kernel (top: no stream)
- *   RINGBUF_PAGES, MAX_PROCS, MAX_CHUNKS, MAX_RELEASE_CHUNKS   sizes
+ *   RINGBUF_PAGES, MAX_PROCS, MAX_CHUNKS, MAX_RELEASE_CHUNKS, MAX_FDS, FD_MAPS   sizes
  *   PID_WORDS         u64 words of a bitmap of tgids: pid_max / 64, rounded up
  *
  * Which processes are tracked is asked on every user page fault of every process: two bitmaps
@@ -19,6 +19,20 @@
  *
  * Page sets (merged pages, released pages) are bitmaps per (process, 2 MiB-aligned chunk of
  * 512 pages): bounded, and one lookup per fault.
+ *
+ * Punch holes (fallocate PUNCH_HOLE, what qemu does for file-, memfd- and hugetlbfs-backed
+ * guest RAM) free a file range, not an address range. User space keeps `fd_maps`: for each
+ * (tracked tgid, fd), where the file that fd opens is mapped shared in that process (up to
+ * FD_MAPS ranges of file offset, length, address; from /proc/PID/maps and /proc/PID/fd,
+ * refreshed every interval). At the syscall's exit the punched range's whole pages are
+ * translated through the first of those ranges (in file order) that holds any of them, and that
+ * address range is marked released like a madvise discard, so its refaults are seen. One range
+ * only: mark_released's unrolled loops already take most of the verifier's 1M-instruction
+ * budget, so a second call per program does not fit. Punched pages with no address (the fd has
+ * no known shared mapping, or the part outside that one range) are counted in
+ * punch_untracked_pages. Files on file systems with blocks larger than the page size
+ * (hugetlbfs) are left out of fd_maps by user space: a huge page refaults with one fault, and
+ * the fault path counts one page per fault.
  */
 
 #define CHUNK_PAGES 512
@@ -30,7 +44,7 @@ enum {
     C_MERGE_NEW, C_MERGE_EXISTING, C_MERGE_ZERO, C_MERGE_FAIL, C_UNMERGE, C_UNMERGE_AFTER_COW,
     C_SCAN_START, C_SCAN_END, C_ENTER, C_EXIT, C_COW, C_RELEASE, C_RELEASE_PAGES,
     C_RELEASE_UNTRACKED_PAGES, C_REFAULT, C_DROPPED, C_CHUNKS_FULL, C_UNRESOLVED_MM,
-    C_TALLY_FULL, C_UNMERGE_AFTER_EXIT, C_PID_OUT_OF_RANGE, N_COUNTERS
+    C_TALLY_FULL, C_UNMERGE_AFTER_EXIT, C_PID_OUT_OF_RANGE, C_PUNCH_UNTRACKED_PAGES, N_COUNTERS
 };
 
 /* event kinds: keep in step with EVENT_KINDS in dynvm_trace/sources/ksm.py */
@@ -43,7 +57,7 @@ enum {
 struct event {
     u64 ts;
     u64 mm;
-    u64 pfn;
+    u64 pfn;   /* release: a punch hole's file offset */
     u64 addr;
     u64 arg;   /* err, seq, pages, rmap_entries */
     u64 arg2;  /* release: merged pages it unmapped; punch hole: 1 */
@@ -65,7 +79,7 @@ struct pending_discard {
     u64 start;
     u64 len;
     u32 punch;  /* fallocate(PUNCH_HOLE): a file range, not an address range */
-    u32 pad;
+    u32 fd;     /* punch hole: the file's fd */
 };
 
 BPF_PERCPU_ARRAY(counts, u64, N_COUNTERS);
@@ -87,6 +101,25 @@ BPF_TABLE("lru_hash", u64, u32, exited_mm, MAX_PROCS);
 BPF_HASH(merged, struct chunk_key, struct bits, MAX_CHUNKS);
 BPF_HASH(released, struct chunk_key, struct bits, MAX_CHUNKS);
 BPF_HASH(pending, u64, struct pending_discard, 4096);  /* thread -> discard in progress */
+#ifdef HAVE_FALLOCATE
+struct fd_key {
+    u32 pid;
+    u32 fd;
+};
+
+struct file_map {
+    u64 offset;  /* bytes into the file, page-aligned */
+    u64 len;     /* bytes; 0: unused */
+    u64 start;   /* the address of `offset` */
+};
+
+struct fd_maps_val {
+    struct file_map m[FD_MAPS];  /* in file offset order */
+};
+
+/* (tgid, fd) -> where that fd's file is mapped shared in the process: written by user space */
+BPF_HASH(fd_maps, struct fd_key, struct fd_maps_val, MAX_FDS);
+#endif
 #ifdef STREAM
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #endif
@@ -404,13 +437,13 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 }
 #endif
 
-static __always_inline void stash(u64 start, u64 len, u32 punch)
+static __always_inline void stash(u64 start, u64 len, u32 punch, u32 fd)
 {
     u32 pid = current_tgid();
     if (!is_tracked(pid))
         return;
     u64 tid = bpf_get_current_pid_tgid();
-    struct pending_discard d = {.start = start, .len = len, .punch = punch};
+    struct pending_discard d = {.start = start, .len = len, .punch = punch, .fd = fd};
     pending.update(&tid, &d);
 }
 
@@ -456,6 +489,31 @@ static __always_inline u64 mark_released(u32 pid, u64 start, u64 end)
     return unmerged;
 }
 
+#ifdef HAVE_FALLOCATE
+/* Where the whole pages of a punched file range [off, off + len) of fd are mapped in process
+ * pid: the address range [*start, returned end) within the first of the fd's shared mappings
+ * (fd_maps) that holds any of them; returns 0 when none does. */
+static __always_inline u64 punched_range(u32 pid, u32 fd, u64 off, u64 len, u64 *start)
+{
+    struct fd_key key = {.pid = pid, .fd = fd};
+    struct fd_maps_val *v = fd_maps.lookup(&key);
+    if (!v)
+        return 0;
+    u64 page_mask = (1ULL << PAGE_SHIFT_) - 1;
+    u64 lo = (off + page_mask) & ~page_mask, hi = (off + len) & ~page_mask;
+    for (int i = 0; i < FD_MAPS; i++) {
+        u64 m_off = v->m[i].offset, m_end = m_off + v->m[i].len;
+        u64 a = lo > m_off ? lo : m_off;
+        u64 b = hi < m_end ? hi : m_end;
+        if (a < b) {
+            *start = v->m[i].start + (a - m_off);
+            return v->m[i].start + (b - m_off);
+        }
+    }
+    return 0;
+}
+#endif
+
 static __always_inline void finish_discard(long ret)
 {
     u64 tid = bpf_get_current_pid_tgid();
@@ -468,20 +526,31 @@ static __always_inline void finish_discard(long ret)
         return;
     u32 pid = tid >> 32;
     u64 pages = (copy.len + (1ULL << PAGE_SHIFT_) - 1) >> PAGE_SHIFT_;
-    u64 unmerged = 0;
-    if (!copy.punch)
-        unmerged = mark_released(pid, copy.start, copy.start + copy.len);
+    u64 start = copy.start, end = copy.start + copy.len, offset = 0;
+#ifdef HAVE_FALLOCATE
+    if (copy.punch) {
+        offset = copy.start;
+        start = 0;
+        end = punched_range(pid, copy.fd, copy.start, copy.len, &start);
+        u64 mapped = end > start ? (end - start) >> PAGE_SHIFT_ : 0;
+        if (pages > mapped)
+            count(C_PUNCH_UNTRACKED_PAGES, pages - mapped);
+    }
+#endif
+    /* one call site: the verifier walks mark_released once per program */
+    u64 unmerged = end > start ? mark_released(pid, start, end) : 0;
     count(C_RELEASE, 1);
     count(C_RELEASE_PAGES, pages);
     release_log2.increment(bpf_log2l(pages));
-    emit(E_RELEASE, pid, 0, 0, copy.start, pages, copy.punch | (unmerged << 1));
+    emit(E_RELEASE, pid, 0, offset, end > start ? start : 0, pages,
+         copy.punch | (unmerged << 1));
 }
 
 #ifdef HAVE_MADVISE
 TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
 {
     if (args->behavior == 4 /* MADV_DONTNEED */ || args->behavior == 9 /* MADV_REMOVE */)
-        stash(args->start, args->len_in, 0);
+        stash(args->start, args->len_in, 0, 0);
     return 0;
 }
 
@@ -496,7 +565,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
 TRACEPOINT_PROBE(syscalls, sys_enter_fallocate)
 {
     if (args->mode & 0x02 /* FALLOC_FL_PUNCH_HOLE */)
-        stash(args->offset, args->len, 1);
+        stash(args->offset, args->len, 1, args->fd);
     return 0;
 }
 

@@ -1,19 +1,26 @@
 """The ksm source's pure parts, without a kernel: compile flags from what the kernel has,
-who counts as in KSM, and the decoding of ring buffer records into the event model."""
+who counts as in KSM, the decoding of ring buffer records into the event model, and where a
+tracked process maps its fds' files (what the kernel translates punch holes through)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from dynvm_trace import jsonio
 from dynvm_trace import ksm_columns as kc
 from dynvm_trace.logfile import LogWriter
 from dynvm_trace.paths import Roots
+from dynvm_trace.procfs import Mapping
+from dynvm_trace.sources import ksm
 from dynvm_trace.sources.base import Batch
-from dynvm_trace.sources.ksm import EVENT, KsmSource, _defines, in_ksm
+from dynvm_trace.sources.ksm import (EVENT, FileRange, KsmSource, _defines, in_ksm,
+                                      shared_file_ranges)
 
 
 def test_defines_follow_the_tracepoints_present():
@@ -80,7 +87,8 @@ def test_decode_every_kind(tmp_path, make_tree):
         (70, kc.E_SCAN_START, 0, 0, 0, 9, 1234),
         (80, kc.E_COW, 7, 0, 0x5000, 0, 0),
         (90, kc.E_RELEASE, 7, 0, 0x8000, 4, 1 << 1 | 0),  # madvise, unmapped 1 merged page
-        (95, kc.E_RELEASE, 7, 0, 0x200000, 16, 1),         # punch hole at file offset
+        (95, kc.E_RELEASE, 7, 0x200000, 0, 16, 1),         # punch hole, fd not mapped
+        (96, kc.E_RELEASE, 7, 0, 0x7F0000400000, 2, 1),    # punch hole at offset 0, mapped
         (99, kc.E_REFAULT, 7, 0, 0x8000, 1, 0),
     ), raw(
         (100, kc.E_ENTER, 7, 0, 0, 0, 0),                   # kept in the kernel: no record
@@ -89,7 +97,8 @@ def test_decode_every_kind(tmp_path, make_tree):
     recs = decode(src)
     assert [r["kind"] for r in recs] == ["merge", "merge", "merge_fail", "scan_start",
                                          "cow_break", "unmerge", "reclaim_release",
-                                         "reclaim_release", "reclaim_refault", "unmerge"]
+                                         "reclaim_release", "reclaim_release", "reclaim_refault",
+                                         "unmerge"]
     assert src._chunks == []
     new, existing = recs[0], recs[1]
     assert new == {"kind": "merge", "ts": 10, "src": "ksm", "pid": 42, "comm": "qemu-kvm",
@@ -104,9 +113,12 @@ def test_decode_every_kind(tmp_path, make_tree):
     assert recs[6]["pages"] == 4 and recs[6]["discard"] == "madvise"
     assert recs[7]["discard"] == "punch_hole" and recs[7]["offset"] == 0x200000
     assert "addr" not in recs[7]
-    assert recs[8] == {"kind": "reclaim_refault", "ts": 99, "src": "ksm", "pid": 7,
+    assert recs[8] == {"kind": "reclaim_release", "ts": 96, "src": "ksm", "pid": 7,
+                       "comm": "python3", "pages": 2, "discard": "punch_hole", "offset": 0,
+                       "addr": 0x7F0000400000}
+    assert recs[9] == {"kind": "reclaim_refault", "ts": 99, "src": "ksm", "pid": 7,
                        "comm": "python3", "pages": 1, "addr": 0x8000}
-    assert recs[9] == {"kind": "unmerge", "ts": 110, "src": "ksm", "reason": "ksm page removed",
+    assert recs[10] == {"kind": "unmerge", "ts": 110, "src": "ksm", "reason": "ksm page removed",
                        "pfn": 0x103}
 
 
@@ -180,3 +192,119 @@ def test_writer_splices_listed_records_and_alerts_between_column_lines(tmp_path)
     assert w.records == 9 and len(batch) == 8
     assert [(r["kind"], r["ts"]) for r in batch.records] == [x for x in got if x[0] != "alert"]
     assert batch.kind_counts() == {"cow_break": 5, "scan_start": 1, "lost": 1, "counters": 1}
+
+
+def mapping(start: int, end: int, offset: int, inode: int, perms: str = "rw-s") -> Mapping:
+    return Mapping(start, end, perms, offset, os.makedev(0, 1), inode, f"/memfd:{inode}")
+
+
+def test_shared_file_ranges_join_what_continues_in_file_and_memory():
+    maps = [mapping(0x7000_0020_0000, 0x7000_0040_0000, 0x20_0000, 9),  # one mmap split in two:
+            mapping(0x7000_0000_0000, 0x7000_0020_0000, 0, 9),           # this and the above
+            mapping(0x7000_0040_0000, 0x7000_0041_0000, 0x50_0000, 9),  # continues in memory only
+            mapping(0x6000_0000_0000, 0x6000_0000_1000, 0x1000, 9),     # below, later in the file
+            mapping(0x5000_0000_0000, 0x5000_0010_0000, 0, 8, "rw-p"),  # private
+            Mapping(0x4000_0000_0000, 0x4000_0000_1000, "rw-s", 0, 0, 0, "")]  # no file
+    dev = os.makedev(0, 1)
+    assert shared_file_ranges(maps) == {(dev, 9): [
+        FileRange(0, 0x40_0000, 0x7000_0000_0000),
+        FileRange(0x1000, 0x1000, 0x6000_0000_0000),
+        FileRange(0x50_0000, 0x1_0000, 0x7000_0040_0000)]}
+    assert shared_file_ranges([]) == {}
+
+
+class FakeTable:
+    """The bcc table fd_maps as _refresh_fd_maps uses it."""
+
+    class Leaf(ctypes.Structure):
+        class FileMap(ctypes.Structure):
+            _fields_ = [("offset", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                        ("start", ctypes.c_uint64)]
+        _fields_ = [("m", FileMap * ksm.FD_MAPS)]
+
+    def __init__(self):
+        self.items: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        self.writes = 0
+
+    @staticmethod
+    def Key(pid: int, fd: int) -> tuple[int, int]:  # noqa: N802 - bcc's name
+        return pid, fd
+
+    def __setitem__(self, key, leaf) -> None:
+        self.items[key] = [(m.offset, m.len, m.start) for m in leaf.m]
+        self.writes += 1
+
+    def __delitem__(self, key) -> None:
+        del self.items[key]
+
+
+@pytest.fixture
+def punch_source(tmp_path, make_tree):
+    """A KsmSource with no kernel behind it, tracking pid 42, which maps a file (fd 3) shared
+    in three ranges (fd 4 is not mapped) and a private one (fd 6)."""
+    make_tree({"data/ram": "", "data/other": "", "data/private": "", "proc/42/comm": "qemu-kvm\n"})
+    fd_dir = tmp_path / "proc/42/fd"
+    fd_dir.mkdir()
+    for fd, name in ((3, "ram"), (4, "other"), (6, "private")):
+        (fd_dir / str(fd)).symlink_to(tmp_path / "data" / name)
+
+    def line(start: int, end: int, offset: int, name: str, perms: str = "rw-s") -> str:
+        st = os.stat(tmp_path / "data" / name)
+        return (f"{start:x}-{end:x} {perms} {offset:08x} {os.major(st.st_dev):02x}:"
+                f"{os.minor(st.st_dev):02x} {st.st_ino} {tmp_path / 'data' / name}\n")
+    (tmp_path / "proc/42/maps").write_text(
+        line(0x7F0000000000, 0x7F0000200000, 0, "ram")
+        + line(0x7F0000400000, 0x7F0000401000, 0x400000, "ram")
+        + line(0x7E0000000000, 0x7E0000001000, 0x1000, "ram")
+        + line(0x7D0000000000, 0x7D0000001000, 0, "private", "rw-p"))
+    src = object.__new__(KsmSource)
+    src.roots = Roots(tmp_path / "sys", tmp_path / "proc")
+    src.tracked, src._punch_holes, src._fd_maps, src._warned = {42}, True, {}, set()
+    src.warn = lambda msg: None
+    src.bpf = {"fd_maps": FakeTable()}
+    return src
+
+
+def test_fd_ranges_of_a_tracked_process(punch_source, monkeypatch):
+    assert punch_source._fd_ranges(42) == {3: (FileRange(0, 0x200000, 0x7F0000000000),
+                                               FileRange(0x1000, 0x1000, 0x7E0000000000),
+                                               FileRange(0x400000, 0x1000, 0x7F0000400000))}
+    assert punch_source._fd_ranges(4242) == {}  # gone
+    monkeypatch.setattr(ksm, "FD_MAPS", 2)
+    assert len(punch_source._fd_ranges(42)[3]) == 2  # the first ones in file order
+    # hugetlbfs: its block is the huge page; left out (a huge page refaults in one fault)
+    monkeypatch.setattr(ksm, "read_fd_block_size", lambda roots, pid, fd: 2 << 20)
+    assert punch_source._fd_ranges(42) == {}
+
+
+def test_refresh_fd_maps_writes_what_changed_and_drops_what_went(punch_source, tmp_path):
+    table = punch_source.bpf["fd_maps"]
+    punch_source._refresh_fd_maps()
+    assert table.items == {(42, 3): [(0, 0x200000, 0x7F0000000000),
+                                     (0x1000, 0x1000, 0x7E0000000000),
+                                     (0x400000, 0x1000, 0x7F0000400000),
+                                     (0, 0, 0)]}  # len 0: unused
+    punch_source._refresh_fd_maps()
+    assert table.writes == 1  # nothing changed: nothing written
+    (tmp_path / "proc/42/fd/3").unlink()  # the fd is closed
+    punch_source._refresh_fd_maps()
+    assert table.items == {} and punch_source._fd_maps == {}
+
+
+def test_refresh_fd_maps_without_the_fallocate_tracepoints(punch_source):
+    punch_source._punch_holes = False
+    punch_source._refresh_fd_maps()
+    assert punch_source.bpf["fd_maps"].items == {}
+
+
+def test_refresh_fd_maps_warns_once_about_an_unreadable_process(punch_source, monkeypatch):
+    warnings = []
+    punch_source.warn = warnings.append
+
+    def denied(roots, pid):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(ksm, "read_maps", denied)
+    punch_source._refresh_fd_maps()
+    punch_source._refresh_fd_maps()
+    assert warnings == ["cannot read the file mappings of pid 42 (Permission denied): its punch "
+                        "holes are counted in punch_untracked_pages"]

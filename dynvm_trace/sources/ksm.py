@@ -9,7 +9,10 @@ the kernel; merges, unmerges and scans are seen for every process):
   - qemu processes (VM discovery), whose guest RAM discards are free page reporting,
   - the pids given with --pid.
 The mm of a process that entered KSM before tracing began is learnt from its own next
-mmap_lock use; until then its merges carry no pid.
+mmap_lock use; until then its merges carry no pid. Where each tracked process maps the files
+its fds open (shared mappings: /proc/PID/maps, /proc/PID/fd) is written into the kernel at the
+start and every interval, so that a punch hole's file range becomes addresses whose refaults
+are seen (probes/ksm.c).
 
 Every interval the source reads the in-kernel counters (per-CPU, the totals) and takes counter
 snapshots: group "ksm" (/sys/kernel/mm/ksm), "vmstat" (cow_ksm, ksm_swpin_copy), "ksm_stat"
@@ -30,10 +33,10 @@ from __future__ import annotations
 import bisect
 import errno
 import time
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from collections.abc import Iterator
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,7 +45,8 @@ from ..btf import kernel_member_offset
 from ..ksm_sysfs import read_ksm
 from ..logfile import make_header
 from ..paths import Roots, page_size
-from ..procfs import list_pids, read_comm, read_ksm_stat, read_vmstat
+from ..procfs import (Mapping, list_pids, read_comm, read_fd_block_size, read_fd_files,
+                      read_ksm_stat, read_maps, read_vmstat)
 from ..ksm_columns import (BULK_KINDS, E_COW, E_MERGE_EXISTING, E_MERGE_FAIL, E_MERGE_NEW,
                            E_MERGE_ZERO, E_REFAULT, E_RELEASE, E_RELEASE_PAGES, E_SCAN_END,
                            E_SCAN_START, E_UNMERGE, EVENT, EventColumns)
@@ -55,7 +59,7 @@ COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge"
             "unmerge_after_cow", "scan_start", "scan_end", "ksm_enter", "ksm_exit", "cow_break",
             "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
             "dropped", "page_set_full", "unresolved_mm", "tally_full",
-            "unmerge_after_exit", "pid_out_of_range")
+            "unmerge_after_exit", "pid_out_of_range", "punch_untracked_pages")
 # Tallies (the in-kernel per-process counts, without the stream): event kind -> the record
 # kind it counts, and the kinds whose `pages` a tally carries.
 TALLY_KINDS = {E_MERGE_NEW: "merge", E_MERGE_EXISTING: "merge", E_MERGE_ZERO: "merge",
@@ -77,11 +81,20 @@ MAX_PROCS = 65536
 MAX_CHUNKS = 1 << 18  # 2 MiB chunks per page set: 512 GiB of tracked guest RAM
 MAX_RELEASE_CHUNKS = 32  # a discard marks at most 64 MiB for refault tracking
 PID_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: pid_max cannot exceed it
+MAX_FDS = 4096  # (process, fd) pairs whose shared file mappings the kernel knows (punch holes)
+FD_MAPS = 4  # shared mappings kept per (process, fd), the first ones in file offset order
 RINGBUF_PAGES = 1 << 13  # 32 MiB: ~600 k events
 
 
 def _probe_source() -> str:
     return resources.files("dynvm_trace.probes").joinpath("ksm.c").read_text()
+
+
+# Probe parts that need both tracepoints of a pair.
+PAIRS = {"HAVE_SCAN": ("ksm:ksm_start_scan", "ksm:ksm_stop_scan"),
+         "HAVE_ENTER": ("ksm:ksm_enter", "ksm:ksm_exit"),
+         "HAVE_MADVISE": ("syscalls:sys_enter_madvise", "syscalls:sys_exit_madvise"),
+         "HAVE_FALLOCATE": ("syscalls:sys_enter_fallocate", "syscalls:sys_exit_fallocate")}
 
 
 def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
@@ -90,16 +103,12 @@ def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
             "exceptions:page_fault_user": "HAVE_FAULT", "mmap_lock:mmap_lock_start_locking":
             "HAVE_MMAP_LOCK"}
     flags = [f"-D{macro}" for tp, macro in have.items() if tp in tracepoints]
-    pairs = {"HAVE_SCAN": ("ksm:ksm_start_scan", "ksm:ksm_stop_scan"),
-             "HAVE_ENTER": ("ksm:ksm_enter", "ksm:ksm_exit"),
-             "HAVE_MADVISE": ("syscalls:sys_enter_madvise", "syscalls:sys_exit_madvise"),
-             "HAVE_FALLOCATE": ("syscalls:sys_enter_fallocate", "syscalls:sys_exit_fallocate")}
-    flags += [f"-D{macro}" for macro, tps in pairs.items() if all(t in tracepoints for t in tps)]
+    flags += [f"-D{macro}" for macro, tps in PAIRS.items() if all(t in tracepoints for t in tps)]
     flags += [f"-DPAGE_SHIFT_={page_size().bit_length() - 1}",
               f"-DRMAP_ADDR_OFF={-1 if rmap_addr_off is None else rmap_addr_off}",
               f"-DMAX_PROCS={MAX_PROCS}", f"-DMAX_CHUNKS={MAX_CHUNKS}",
               f"-DMAX_RELEASE_CHUNKS={MAX_RELEASE_CHUNKS}", f"-DRINGBUF_PAGES={ringbuf_pages}",
-              f"-DPID_WORDS={PID_LIMIT // 64}"]
+              f"-DPID_WORDS={PID_LIMIT // 64}", f"-DMAX_FDS={MAX_FDS}", f"-DFD_MAPS={FD_MAPS}"]
     flags.append("-DSTREAM" if stream else "-DTALLY")
     return flags
 
@@ -123,6 +132,31 @@ def _stat_or_none(roots: Roots, pid: int) -> dict[str, Any] | None:
         return read_ksm_stat(roots, pid)
     except OSError:
         return None
+
+
+class FileRange(NamedTuple):
+    """Part of a file mapped into memory: `length` bytes from `offset` in the file are at
+    address `start`."""
+    offset: int
+    length: int
+    start: int
+
+
+def shared_file_ranges(maps: list[Mapping]) -> dict[tuple[int, int], list[FileRange]]:
+    """(st_dev, st_ino) of each file a process maps shared -> where, in file offset order.
+    Mappings that continue each other both in the file and in memory (one mmap that madvise or
+    mprotect split) are one range."""
+    by_file: dict[tuple[int, int], list[FileRange]] = {}
+    for m in sorted(maps, key=attrgetter("start")):
+        if not (m.shared and m.inode):
+            continue
+        ranges = by_file.setdefault((m.dev, m.inode), [])
+        if ranges and (last := ranges[-1]).start + last.length == m.start \
+                and last.offset + last.length == m.offset:
+            ranges[-1] = last._replace(length=last.length + m.end - m.start)
+        else:
+            ranges.append(FileRange(m.offset, m.end - m.start, m.start))
+    return {file: sorted(ranges) for file, ranges in by_file.items()}
 
 
 class KsmSource(Source):
@@ -173,6 +207,9 @@ class KsmSource(Source):
         self._last_ts: int | None = None
         self._tally_gone: set[int] = set()  # exited pids whose tallies go after the next read
         self._exits: list[dict[str, Any]] = []  # vm_exit records for the next snapshot
+        self._punch_holes = all(tp in self.tracepoints for tp in PAIRS["HAVE_FALLOCATE"])
+        self._fd_maps: dict[tuple[int, int], tuple[FileRange, ...]] = {}  # as in the kernel
+        self._warned: set[str] = set()
 
     # -- kernel side --------------------------------------------------------------------------
 
@@ -238,6 +275,60 @@ class KsmSource(Source):
                          "released": left["released"].get(pid, 0)} for pid in sorted(gone)]
         self._tally_gone |= gone  # their last tallies are read first, at the next snapshot
         self.tracked -= gone
+
+    def _fd_ranges(self, pid: int) -> dict[int, tuple[FileRange, ...]]:
+        """fd -> where the file it opens is mapped shared in process pid (its first FD_MAPS
+        ranges). Files on a file system with blocks larger than a page (hugetlbfs: a huge page
+        refaults in one fault) are left out: probes/ksm.c counts one page per fault."""
+        maps = read_maps(self.roots, pid)
+        shared = shared_file_ranges(maps) if maps else {}
+        if not shared:
+            return {}
+        out = {}
+        for fd, file in (read_fd_files(self.roots, pid) or {}).items():
+            if file not in shared:
+                continue
+            block = read_fd_block_size(self.roots, pid, fd)
+            if block is not None and block <= page_size():
+                out[fd] = tuple(shared[file][:FD_MAPS])
+        return out
+
+    def _refresh_fd_maps(self) -> None:
+        """Write into the kernel's fd_maps where each tracked process maps its fds' files, so a
+        punch hole's file range becomes addresses (probes/ksm.c); only what changed is written.
+        Entries of processes no longer tracked and of fds closed or unmapped go."""
+        if not self._punch_holes:
+            return
+        now: dict[tuple[int, int], tuple[FileRange, ...]] = {}
+        for pid in sorted(self.tracked):
+            try:
+                now.update(((pid, fd), r) for fd, r in self._fd_ranges(pid).items())
+            except OSError as e:
+                self._warn_once(f"cannot read the file mappings of pid {pid} ({e.strerror}): "
+                                "its punch holes are counted in punch_untracked_pages")
+        if len(now) > MAX_FDS:
+            self._warn_once(f"more than {MAX_FDS} fds with shared file mappings: punch holes "
+                            "in the others are counted in punch_untracked_pages")
+            now = dict(sorted(now.items())[:MAX_FDS])
+        table = self.bpf["fd_maps"]
+        for pid, fd in self._fd_maps.keys() - now.keys():
+            try:
+                del table[table.Key(pid, fd)]
+            except KeyError:
+                pass
+        for (pid, fd), ranges in now.items():
+            if self._fd_maps.get((pid, fd)) != ranges:
+                leaf = table.Leaf()
+                for slot, r in zip(leaf.m, ranges):
+                    slot.offset, slot.len, slot.start = r
+                table[table.Key(pid, fd)] = leaf
+        self._fd_maps = now
+
+    def _warn_once(self, message: str) -> None:
+        """A warning about a state a refresh finds again every interval: said the first time."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.warn(message)
 
     def read_tallies(self) -> dict[tuple[int, int], int]:
         """The in-kernel per-(process, event kind) counts, summed over CPUs. A process's merges
@@ -360,13 +451,12 @@ class KsmSource(Source):
             elif kind in (E_SCAN_START, E_SCAN_END):
                 rec.update(kind="scan_start" if kind == E_SCAN_START else "scan_end", seq=arg,
                            rmap_entries=arg2)
-            elif kind == E_RELEASE:
+            elif kind == E_RELEASE:  # a punch hole's addr: where its file range is mapped, or 0
                 punch = arg2 & 1
                 rec.update(kind="reclaim_release", pages=arg,
                            discard="punch_hole" if punch else "madvise")
                 if punch:
-                    rec["offset"] = addr
-                    addr = 0
+                    rec["offset"] = pfn
                 out.extend({"kind": "unmerge", "ts": ts, "src": SRC, **self._who(pid),
                             "reason": "released", "addr": addr} for _ in range(arg2 >> 1))
             else:  # ksm_enter / ksm_exit: kept in the kernel's mm map, no record
@@ -468,6 +558,7 @@ class KsmSource(Source):
     def batches(self, interval_ns: int, duration_ns: int | None) -> Iterator[Batch]:
         if interval_ns <= 0:
             raise ValueError("interval_ns must be > 0")
+        self._refresh_fd_maps()
         first = self._snapshot()
         yield first
         next_at = first.now + interval_ns
@@ -484,6 +575,7 @@ class KsmSource(Source):
                 # the log, and the last counter snapshot is taken after it.
                 self._drain(until_ns=time.monotonic_ns())
             self._refresh_tracked()
+            self._refresh_fd_maps()
             yield self._snapshot()
             if last:
                 break
