@@ -6,6 +6,10 @@
     touch J      writes distinct bytes into pages 0..J-1 again (J refaults)
     storm S      for S seconds, writes the fill bytes again into every page in turn: each write
                  to a merged page is a COW break, and ksmd merges the page again (same bytes)
+    memfd P      a second region, file-backed as qemu's memfd guest RAM is: a memfd of P pages
+                 mapped MAP_SHARED (no THP), filled
+    punch K      fallocate(PUNCH_HOLE | KEEP_SIZE) of the memfd's pages 0..K-1
+    mtouch J     writes distinct bytes into the memfd's pages 0..J-1 (J refaults after punch)
     wait         does nothing (the test polls the kernel meanwhile)
     exit
 
@@ -17,6 +21,7 @@ each other's counters. `exclusive_ksm()` serialises them (an flock on LOCK_PATH)
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -27,6 +32,8 @@ from contextlib import contextmanager
 LOCK_PATH = "/run/lock/dynvm-trace-ksm-live.lock"
 
 FILL = 0x5A  # not zero: use_zero_pages must not matter
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+MEMFD_NAME = "dynvm-guest-ram"
 
 
 @contextmanager
@@ -36,6 +43,35 @@ def exclusive_ksm() -> Iterator[None]:
     with open(LOCK_PATH, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def write_salted(mem: mmap.mmap, pages: int, salt: int) -> None:
+    """Distinct bytes into each of the first `pages` pages: a write fault on every page."""
+    ps = mmap.PAGESIZE
+    for i in range(pages):
+        mem[i * ps:i * ps + 16] = salt.to_bytes(8, "little") + i.to_bytes(8, "little")
+
+
+def shared_memfd(pages: int) -> tuple[int, mmap.mmap]:
+    """A memfd of `pages` pages mapped shared and filled: guest RAM as qemu backs it with
+    memory-backend-memfd."""
+    fd = os.memfd_create(MEMFD_NAME)
+    os.ftruncate(fd, pages * mmap.PAGESIZE)
+    mem = mmap.mmap(fd, pages * mmap.PAGESIZE, flags=mmap.MAP_SHARED)
+    mem.madvise(mmap.MADV_NOHUGEPAGE)
+    page = bytes([FILL]) * mmap.PAGESIZE
+    for _ in range(pages):
+        mem.write(page)
+    return fd, mem
+
+
+def punch_hole(fd: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE) of [0, length): Python has no binding for it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def main() -> None:
@@ -49,13 +85,17 @@ def main() -> None:
     mem.madvise(mmap.MADV_MERGEABLE)
     print(f"ready {os.getpid()} {n}", flush=True)
     salt = 0
+    memfd, shared = -1, None
     for line in sys.stdin:
         cmd, *arg = line.split()
         count = int(arg[0]) if arg and cmd != "storm" else 0
-        if cmd in ("cow", "touch"):
+        if cmd in ("cow", "touch", "mtouch"):
             salt += 1
-            for i in range(count):
-                mem[i * ps:i * ps + 16] = salt.to_bytes(8, "little") + i.to_bytes(8, "little")
+            write_salted(shared if cmd == "mtouch" else mem, count, salt)
+        elif cmd == "memfd":
+            memfd, shared = shared_memfd(count)
+        elif cmd == "punch":
+            punch_hole(memfd, count * ps)
         elif cmd == "storm":
             import time
             end, same = time.monotonic() + float(arg[0]), bytes([FILL]) * 8

@@ -25,12 +25,13 @@ import pytest
 from dynvm_trace import capabilities
 from dynvm_trace.logfile import LogReader
 from dynvm_trace.paths import Roots
-from dynvm_trace.procfs import read_ksm_stat
+from dynvm_trace.procfs import read_ksm_stat, read_maps
 from dynvm_trace.report import summarize
 
-from ksm_workload import exclusive_ksm
+from ksm_workload import MEMFD_NAME, exclusive_ksm
 
 N, M, K, J = 4099, 1031, 257, 127  # pages merged, COW-broken, released, refaulted
+P = 512  # pages of the shared memfd region (punch holes)
 WORKLOAD = Path(__file__).with_name("ksm_workload.py")
 KSM = Path("/sys/kernel/mm/ksm")
 FAST = {"pages_to_scan": "5000", "sleep_millisecs": "10", "run": "1"}
@@ -118,8 +119,10 @@ def dynvm(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([str(Path(sys.executable).with_name("dynvm-trace")), *args], **kw)
 
 
-def start_recorder(log: Path) -> subprocess.Popen:
+def start_recorder(log: Path, *pids: int) -> subprocess.Popen:
+    """`record` of the ksm source (also tracking `pids`), once it has written its first batch."""
     proc = dynvm("record", "--source", "ksm", "--interval", INTERVAL, "-o", str(log),
+                 *(arg for pid in pids for arg in ("--pid", str(pid))),
                  stderr=subprocess.PIPE, text=True)
     wait_for(f"{log} to start", lambda: log.exists() and log.read_text().count("\n") >= 2
              or proc.poll() is not None)
@@ -185,6 +188,45 @@ def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
         assert {"ksm merged now", "ksm cow breaks", "ksm stream: merges",
                 "ksm stream: cow breaks", "ksm stream: refaults"} <= set(verdicts), verdicts
         assert corr["verdict"] == "agrees", corr
+
+
+def test_refaults_after_a_punch_hole(live, tmp_path):
+    """A shared memfd region (file-backed guest RAM, as qemu's memory-backend-memfd): a punch
+    hole of K pages is one reclaim_release at the address the file range is mapped at, and
+    writing J of them again gives exactly J refaults. The recorder learns the mapping at its
+    start, before its first batch."""
+    log = tmp_path / "punch.jsonl"
+    work = Workload(1)
+    recorder = None
+    try:
+        work.do(f"memfd {P}")
+        ram = [m for m in read_maps(Roots(), work.pid) if MEMFD_NAME in m.path]
+        recorder = start_recorder(log, work.pid)
+        work.do(f"punch {K}")
+        work.do(f"mtouch {J}")
+        time.sleep(2 * float(INTERVAL))
+        err = stop(recorder)
+    finally:
+        if recorder is not None and recorder.poll() is None:
+            recorder.kill()
+        work.close()
+    assert "stopped by signal; the log is complete" in err, err
+    assert len(ram) == 1 and ram[0].shared, ram
+
+    header, recs = records(log)
+    assert work.pid in header["tracked_pids"]
+    mine = [r for r in recs if r.get("pid") == work.pid]
+    releases = [r for r in mine if r["kind"] == "reclaim_release"]
+    assert len(releases) == 1, releases
+    assert releases[0]["discard"] == "punch_hole" and releases[0]["pages"] == K
+    assert releases[0]["offset"] == 0 and releases[0]["addr"] == ram[0].start, releases
+    refaults = [r for r in mine if r["kind"] == "reclaim_refault"]
+    ps = header["page_size"]
+    assert len(refaults) == J
+    assert sorted(r["addr"] for r in refaults) == [ram[0].start + i * ps for i in range(J)]
+    assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+    probes = [r["values"] for r in recs if r.get("group") == "ksm_probes"]
+    assert probes[-1]["punch_untracked_pages"] == probes[0]["punch_untracked_pages"]
 
 
 def test_trace_json_lines_while_merging(fast_ksm, tmp_path):
