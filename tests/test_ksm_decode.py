@@ -52,7 +52,7 @@ def source(tmp_path, make_tree) -> KsmSource:
     src = object.__new__(KsmSource)
     src.roots = Roots(tmp_path / "sys", tmp_path / "proc")
     src._chunks, src._comms, src._vm_names = [], {}, {42: "guest1"}
-    src._bulk, src._held = np.zeros(0, dtype=EVENT), []
+    src._bulk, src._held = [], []
     return src
 
 

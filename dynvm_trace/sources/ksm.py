@@ -113,6 +113,15 @@ def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
     return flags
 
 
+def _in_time_order(evs: np.ndarray) -> np.ndarray:
+    """Ring records by time: the ring is in reservation order, which is time order on one
+    CPU, and nearly so across CPUs."""
+    ts = evs["ts"]
+    if len(evs) > 1 and np.any(ts[1:] < ts[:-1]):
+        return evs[np.argsort(ts, kind="stable")]
+    return evs
+
+
 def in_ksm(stat: dict[str, Any] | None) -> bool:
     """Whether a /proc/PID/ksm_stat says the process has (or asked for) KSM memory."""
     if not stat:
@@ -191,7 +200,7 @@ class KsmSource(Source):
         self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
             self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages))
         self._chunks: list[np.ndarray] = []  # records taken from the ring, not yet taken in
-        self._bulk = np.zeros(0, dtype=EVENT)  # held bulk events (time order), not yet in a batch
+        self._bulk: list[np.ndarray] = []  # held bulk events: parts, each in time order
         self._ring: RingReader | None = None
         if stream:
             table = self.bpf["events"]
@@ -404,34 +413,46 @@ class KsmSource(Source):
         return who
 
     def _take_in(self) -> None:
-        """Move the events taken from the ring into the held ones, in time order: the bulk
-        kinds (merges, unmerges, COW breaks, refaults) stay columns, the rare ones (merge
-        failures, scans, discards) become records."""
+        """Move the events taken from the ring into the held ones: the bulk kinds (merges,
+        unmerges, COW breaks, refaults) stay columns, held as parts in time order each (joined
+        once, into a batch: joining all that is held at every read cost more per event than
+        the rest of the recorder), the rare ones (merge failures, scans, discards) become
+        records."""
         if not self._chunks:
             return
-        evs = np.concatenate([self._bulk, *self._chunks])
+        evs = _in_time_order(self._chunks[0] if len(self._chunks) == 1
+                             else np.concatenate(self._chunks))
         self._chunks = []
-        ts_col = evs["ts"]
-        if len(evs) > 1 and np.any(ts_col[1:] < ts_col[:-1]):  # reservation order, mostly
-            evs = evs[np.argsort(ts_col, kind="stable")]
         bulk = np.isin(evs["kind"], BULK_KINDS)
-        self._bulk = evs[bulk]
-        if not bulk.all():
-            self._hold(self._decode_rare(evs[~bulk]))
+        if bulk.all():
+            self._bulk.append(evs)
+            return
+        if bulk.any():
+            self._bulk.append(evs[bulk])
+        self._hold(self._decode_rare(evs[~bulk]))
 
     def _near(self, lo: int, hi: int) -> bool:
         """Whether a held event lies in [lo, hi]."""
-        ts = self._bulk["ts"]
-        i = int(np.searchsorted(ts, lo))
-        if i < len(ts) and ts[i] <= hi:
-            return True
+        for part in self._bulk:
+            ts = part["ts"]
+            i = int(np.searchsorted(ts, lo))
+            if i < len(ts) and ts[i] <= hi:
+                return True
         j = bisect.bisect_left(self._held, lo, key=_TS)
         return j < len(self._held) and self._held[j]["ts"] <= hi
 
     def _release_held(self, upto: int | None) -> Batch | None:
         """The held events up to `upto` (all: None) as a batch (now: upto), no longer held."""
-        n = len(self._bulk) if upto is None else int(np.searchsorted(self._bulk["ts"], upto, side="right"))
-        bulk, self._bulk = self._bulk[:n], self._bulk[n:]
+        out, keep = [], []
+        for part in self._bulk:
+            n = len(part) if upto is None else int(np.searchsorted(part["ts"], upto, side="right"))
+            if n:
+                out.append(part[:n])
+            if n < len(part):
+                keep.append(part[n:])
+        self._bulk = keep
+        bulk = (np.zeros(0, dtype=EVENT) if not out else out[0] if len(out) == 1
+                else _in_time_order(np.concatenate(out)))
         k = len(self._held) if upto is None else bisect.bisect_right(self._held, upto, key=_TS)
         listed, self._held = self._held[:k], self._held[k:]
         if upto is None:
