@@ -1,12 +1,14 @@
 """The ksm source's pure parts, without a kernel: compile flags from what the kernel has,
-who counts as in KSM, the decoding of ring buffer records into the event model, and where a
-tracked process maps its fds' files (what the kernel translates punch holes through)."""
+who counts as in KSM, the decoding of ring buffer records into the event model, where a
+tracked process maps its fds' files (what the kernel translates punch holes through), and the
+seeding of the merged page sets (into a stand-in for the BPF map)."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import struct
 from collections import Counter
 
 import numpy as np
@@ -19,8 +21,8 @@ from dynvm_trace.paths import Roots
 from dynvm_trace.procfs import Mapping
 from dynvm_trace.sources import ksm
 from dynvm_trace.sources.base import Batch
-from dynvm_trace.sources.ksm import (EVENT, FileRange, KsmSource, _defines, in_ksm,
-                                      shared_file_ranges)
+from dynvm_trace.sources.ksm import (EVENT, MAX_CHUNKS, FileRange, KsmSource, _defines, in_ksm,
+                                     page_set_chunks, shared_file_ranges)
 
 
 def test_defines_follow_the_tracepoints_present():
@@ -308,3 +310,118 @@ def test_refresh_fd_maps_warns_once_about_an_unreadable_process(punch_source, mo
     punch_source._refresh_fd_maps()
     assert warnings == ["cannot read the file mappings of pid 42 (Permission denied): its punch "
                         "holes are counted in punch_untracked_pages"]
+
+
+def test_page_set_chunks():
+    pages = np.array([0x1003, 0, 1, 63, 64, 511, 512 + 130, 0x1003], dtype=np.uint64)
+    chunks, words = page_set_chunks(pages)
+    assert chunks.tolist() == [0, 1, 8]
+    assert words[0].tolist() == [1 | 2 | 1 << 63, 1, 0, 0, 0, 0, 0, 1 << 63]
+    assert words[1].tolist() == [0, 0, 1 << 2, 0, 0, 0, 0, 0]  # page 130 of chunk 1
+    assert words[2].tolist() == [1 << 3, 0, 0, 0, 0, 0, 0, 0]
+    chunks, words = page_set_chunks(np.zeros(0, dtype=np.uint64))
+    assert chunks.shape == (0,) and words.shape == (0, 8)
+
+
+class ChunkKey(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("chunk", ctypes.c_uint64)]
+
+
+class Bits(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_uint64 * 8)]
+
+
+class MergedMap:
+    """Stands in for bcc's table of the `merged` map: Key, Leaf, get, item assignment (a
+    full map refuses a new key with a bare Exception, as bcc does)."""
+    Key, Leaf = ChunkKey, Bits
+
+    def __init__(self, capacity: int = 1 << 18):
+        self.chunks: dict[tuple[int, int], list[int]] = {}
+        self.capacity = capacity
+
+    def get(self, key):
+        words = self.chunks.get((key.pid, key.chunk))
+        return None if words is None else Bits((ctypes.c_uint64 * 8)(*words))
+
+    def __setitem__(self, key, leaf):
+        if (key.pid, key.chunk) not in self.chunks and len(self.chunks) >= self.capacity:
+            raise Exception("Could not update table: Argument list too long")
+        self.chunks[(key.pid, key.chunk)] = list(leaf.w)
+
+
+KSM_SMAPS = "01000000-01400000 rw-p 00000000 00:00 0\nVmFlags: rd wr mr mw me ac mg\n"
+
+
+def seeding_source(tmp_path, make_tree, capacity: int = 1 << 18,
+                   kpageflags: bool = True) -> tuple[KsmSource, MergedMap, list[str]]:
+    """A KsmSource with no kernel behind it: what _seed_merged uses. pid 42 has KSM pages
+    0x1000, 0x1001 (chunk 8) and 0x1200 (chunk 9); pid 43 has 0x1000."""
+    flags = struct.pack("<8Q", *([0] * 5 + [1 << 21, 0, 0]))  # PFN 5 is a KSM page
+    present = 1 << 63
+    files = {"proc/42/smaps": KSM_SMAPS,
+             "proc/42/pagemap": bytes(8 * 0x1000) + struct.pack("<3Q", present | 5, present | 5,
+                                                                present | 6)
+             + bytes(8 * 0x1FD) + struct.pack("<Q", present | 5),
+             "proc/43/smaps": KSM_SMAPS,
+             "proc/43/pagemap": bytes(8 * 0x1000) + struct.pack("<Q", present | 5),
+             "proc/44/smaps": KSM_SMAPS}
+    if kpageflags:
+        files["proc/kpageflags"] = flags
+    make_tree(files)
+    src = object.__new__(KsmSource)
+    src.roots = Roots(tmp_path / "sys", tmp_path / "proc")
+    merged = MergedMap(capacity)
+    warnings: list[str] = []
+    src.bpf, src.warn, src.rmap_addr_off = {"merged": merged}, warnings.append, 24
+    src.seeded, src.seed_incomplete = {}, None
+    return src, merged, warnings
+
+
+def test_seed_merged_ors_into_the_page_set(tmp_path, make_tree):
+    src, merged, warnings = seeding_source(tmp_path, make_tree)
+    merged.chunks[(42, 8)] = [0, 0, 0, 0, 1 << 5, 0, 0, 0]  # a merge seen since the attach
+    src._seed_merged({42: {"ksm_merging_pages": 3}, 43: {"ksm_mergeable": True},
+                      44: {"ksm_merging_pages": 0},  # nothing merged: not read
+                      4242: {"ksm_merging_pages": 9}})  # exited meanwhile
+    assert merged.chunks == {(42, 8): [0b11, 0, 0, 0, 1 << 5, 0, 0, 0],
+                             (42, 9): [1, 0, 0, 0, 0, 0, 0, 0],
+                             (43, 8): [1, 0, 0, 0, 0, 0, 0, 0]}
+    assert src.seeded == {42: 3, 43: 1} and warnings == []
+    assert src._seed_fields() == {"seeded_merged_pages": {"42": 3, "43": 1}}
+
+
+def test_seed_merged_without_kpageflags_warns_once(tmp_path, make_tree):
+    src, merged, warnings = seeding_source(tmp_path, make_tree, kpageflags=False)
+    src._seed_merged({42: {"ksm_merging_pages": 3}, 43: {"ksm_merging_pages": 1}})
+    assert merged.chunks == {} and src.seeded == {}
+    assert warnings == [f"pages merged before tracing started are not known: no "
+                        f"{tmp_path}/proc/kpageflags (a kernel without CONFIG_PROC_PAGE_MONITOR); "
+                        f"their COW breaks are not seen"]
+    assert src._seed_fields() == {"seeded_merged_pages": {},
+                                  "seed_incomplete": src.seed_incomplete}
+
+
+def test_seed_merged_stops_at_a_full_page_set(tmp_path, make_tree):
+    src, merged, warnings = seeding_source(tmp_path, make_tree, capacity=1)
+    src._seed_merged({42: {"ksm_merging_pages": 3}, 43: {"ksm_merging_pages": 1}})
+    assert list(merged.chunks) == [(42, 8)]
+    assert src.seeded == {42: 2}  # not 43: seeding stopped
+    assert warnings == [f"pid 42: 1 merged pages, and those of any process after it, are not "
+                        f"in the merged page set (Could not update table: Argument list too "
+                        f"long; it holds at most {MAX_CHUNKS} chunks); their COW breaks "
+                        f"are not seen"]
+    assert src._seed_fields()["seed_incomplete"] in warnings[0]
+
+
+def test_nothing_to_seed_reads_nothing(tmp_path, make_tree):
+    src, merged, warnings = seeding_source(tmp_path, make_tree, kpageflags=False)
+    src._seed_merged({44: {"ksm_merging_pages": 0}})  # kpageflags is not even opened
+    assert merged.chunks == {} and warnings == [] and src.seed_incomplete is None
+    assert src._seed_fields() == {"seeded_merged_pages": {}}
+
+
+def test_no_seed_fields_without_the_rmap_address(tmp_path, make_tree):
+    src, _, _ = seeding_source(tmp_path, make_tree)
+    src.rmap_addr_off = None  # no COW breaks at all: the source does not seed
+    assert src._seed_fields() == {}

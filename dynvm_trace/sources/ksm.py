@@ -14,6 +14,19 @@ its fds open (shared mappings: /proc/PID/maps, /proc/PID/fd) is written into the
 start and every interval, so that a punch hole's file range becomes addresses whose refaults
 are seen (probes/ksm.c).
 
+A COW break is a write fault on a page in the process's merged page set, which the merges seen
+while tracing fill. The pages a process already had merged when tracing started are put in at
+attach time ("seeding": dynvm_trace/ksm_pages.py finds them in /proc/PID/smaps, pagemap and
+/proc/kpageflags; the header's `seeded_merged_pages` says how many per pid). The order is: attach
+the probes, track the processes, then seed, so no merge is missed (a merge seen meanwhile sets
+its bit, and seeding ORs into it). The cost is a window, from the attach until a process's
+pages are in (seeding reads /proc for one process after another: milliseconds for a small one,
+about 0.1 s per GiB of a large one), in which the COW break of a page merged before the attach
+is missed; the bit of such a page is then set after its break, and a later write-protect fault
+there that is no COW break would count as one. Seeding needs CAP_SYS_ADMIN and a kernel with
+/proc/kpageflags; without them a warning says so (and the header's `seed_incomplete`) and
+tracing goes on without it.
+
 Every interval the source reads the in-kernel counters (per-CPU, the totals) and takes counter
 snapshots: group "ksm" (/sys/kernel/mm/ksm), "vmstat" (cow_ksm, ksm_swpin_copy), "ksm_stat"
 (one record per tracked pid, with its pid) and "ksm_probes" (the in-kernel event counters).
@@ -42,6 +55,7 @@ import numpy as np
 
 from .. import bpf_host, exitcodes, vms
 from ..btf import kernel_member_offset
+from ..ksm_pages import KsmPageFinder, PagesUnreadable
 from ..ksm_sysfs import read_ksm
 from ..logfile import make_header
 from ..paths import Roots, page_size
@@ -78,6 +92,7 @@ POLL_S = 0.02
 # (where overruns are counted) instead of in this process's memory.
 CONSUME_BUDGET = 16384
 MAX_PROCS = 65536
+CHUNK_PAGES = 512  # pages per chunk of a page set (CHUNK_PAGES in probes/ksm.c)
 MAX_CHUNKS = 1 << 18  # 2 MiB chunks per page set: 512 GiB of tracked guest RAM
 MAX_RELEASE_CHUNKS = 32  # a discard marks at most 64 MiB for refault tracking
 PID_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: pid_max cannot exceed it
@@ -136,6 +151,25 @@ def initial_pids(roots: Roots, extra: tuple[int, ...] = ()) -> set[int]:
     return pids | {pid for pid in list_pids(roots) if in_ksm(_stat_or_none(roots, pid))}
 
 
+def page_set_chunks(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks of a page set (probes/ksm.c: 512 pages per chunk, chunk = page >> 9) that
+    hold these virtual page numbers: the chunk numbers, ascending, and each one's 8 bitmap
+    words (bit i of word j: page chunk * 512 + j * 64 + i)."""
+    words_per_chunk = CHUNK_PAGES // 64
+    pages = np.sort(np.asarray(pages, dtype=np.uint64))
+    if not len(pages):
+        return np.zeros(0, dtype=np.uint64), np.zeros((0, words_per_chunk), dtype=np.uint64)
+    # one OR per run of pages in the same 64-page word (pages are sorted: runs are contiguous)
+    word = pages >> np.uint64(6)
+    starts = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))
+    bits = np.bitwise_or.reduceat(np.uint64(1) << (pages & np.uint64(63)), starts)
+    word = word[starts]
+    chunks, which = np.unique(word // np.uint64(words_per_chunk), return_inverse=True)
+    out = np.zeros((len(chunks), words_per_chunk), dtype=np.uint64)
+    out[which, (word % np.uint64(words_per_chunk)).astype(np.intp)] = bits
+    return chunks, out
+
+
 def _stat_or_none(roots: Roots, pid: int) -> dict[str, Any] | None:
     try:
         return read_ksm_stat(roots, pid)
@@ -192,9 +226,10 @@ class KsmSource(Source):
             if tp.path not in self.tracepoints:
                 self.warn(f"tracepoint {tp.path} unusable here: no {tp.needed_for}")
         start_pids = initial_pids(roots, pids)
+        already = {pid: stat for pid in start_pids if in_ksm(stat := _stat_or_none(roots, pid))}
         # mmap_lock fires on every lock of every mm (ksmd's included): attach it only when a
         # process was in KSM before we started, whose mm we must learn.
-        if not any(in_ksm(_stat_or_none(roots, pid)) for pid in start_pids):
+        if not already:
             self.tracepoints.discard("mmap_lock:mmap_lock_start_locking")
         bcc = bpf_host.import_bcc()
         self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
@@ -210,6 +245,11 @@ class KsmSource(Source):
         self._vm_names = {vm.pid: vm.name for vm in vms.discover(roots)}
         self.tracked: set[int] = set()
         self._track(start_pids)
+        # pid -> pages seeded into its merged page set, and why seeding stopped short (header())
+        self.seeded: dict[int, int] = {}
+        self.seed_incomplete: str | None = None
+        if self.rmap_addr_off is not None:  # without it no COW break is reported at all
+            self._seed_merged(already)
         self._held: list[dict[str, Any]] = []  # held records of the rare kinds (time order)
         self._last_dropped = 0
         self._tallied: dict[tuple[int, int], int] = {}  # (pid, kind) -> count at the last read
@@ -254,6 +294,57 @@ class KsmSource(Source):
     def _track(self, pids: set[int]) -> None:
         self._set_tracked(pids - self.tracked, True)
         self.tracked |= pids
+
+    def _seed_merged(self, stats: dict[int, dict[str, Any]]) -> None:
+        """Put the pages that are KSM pages now into the merged page sets of these processes
+        (pid -> its ksm_stat), so their COW breaks are seen: the page sets are otherwise only
+        filled by the merges seen while tracing. The probes are attached and the processes
+        tracked already: a merge seen meanwhile has set its bit, which is kept (ORed into)."""
+        # nothing merged (yet): not read; a ksm_stat without the line (older kernels) is read
+        stats = {pid: st for pid, st in stats.items() if st.get("ksm_merging_pages") != 0}
+        if not stats:
+            return
+        try:
+            with KsmPageFinder(self.roots, page_size()) as finder:
+                for pid, stat in sorted(stats.items()):
+                    try:
+                        pages = finder.ksm_pages(pid, merge_any=stat.get("ksm_merge_any") is True)
+                    except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+                        continue
+                    self.seeded[pid] = self._set_merged(pid, pages)
+                    if self.seed_incomplete:  # the page set took no more
+                        break
+        except PagesUnreadable as e:
+            self.seed_incomplete = f"pages merged before tracing started are not known: {e}"
+        if self.seed_incomplete:
+            self.warn(f"{self.seed_incomplete}; their COW breaks are not seen")
+
+    def _set_merged(self, pid: int, pages: np.ndarray) -> int:
+        """Set the bits of these virtual page numbers in `pid`'s merged page set, a chunk at a
+        time: read, OR, write (a probe that changes the chunk between the read and the write
+        loses its change: a window of microseconds per chunk). Returns how many of the pages
+        were put in; when the map refuses a chunk (full: MAX_CHUNKS), fewer, and
+        seed_incomplete says so."""
+        table = self.bpf["merged"]
+        chunks, words = page_set_chunks(pages)
+        done = 0
+        for chunk, bits in zip(chunks.tolist(), words.tolist()):
+            key = table.Key(pid, 0, chunk)
+            leaf = table.get(key)
+            if leaf is None:
+                leaf = table.Leaf()
+            for i, w in enumerate(bits):
+                leaf.w[i] |= w
+            try:
+                table[key] = leaf
+            except Exception as e:  # bcc raises a bare Exception, with the errno's text
+                self.seed_incomplete = (
+                    f"pid {pid}: {len(pages) - done} merged pages, and those of any process "
+                    f"after it, are not in the merged page set ({e}; it holds at most "
+                    f"{MAX_CHUNKS} chunks)")
+                return done
+            done += sum(w.bit_count() for w in bits)
+        return done
 
     def _refresh_tracked(self) -> None:
         """Take in the pids the kernel started tracking (ksm_enter); drop the ones that exited,
@@ -396,7 +487,16 @@ class KsmSource(Source):
                            anchor_unix_ns=self.anchor[1], stream=self.stream,
                            tracepoints=sorted(self.tracepoints),
                            rmap_address_offset=self.rmap_addr_off,
-                           tracked_pids=sorted(self.tracked))
+                           tracked_pids=sorted(self.tracked), **self._seed_fields())
+
+    def _seed_fields(self) -> dict[str, Any]:
+        """What _seed_merged did, for the header (docs/event-log.md)."""
+        fields: dict[str, Any] = {}
+        if self.rmap_addr_off is not None:
+            fields["seeded_merged_pages"] = {str(pid): n for pid, n in sorted(self.seeded.items())}
+        if self.seed_incomplete:
+            fields["seed_incomplete"] = self.seed_incomplete
+        return fields
 
     def _who(self, pid: int) -> dict[str, Any]:
         if not pid:
