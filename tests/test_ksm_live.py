@@ -229,6 +229,50 @@ def test_refaults_after_a_punch_hole(live, tmp_path):
     assert probes[-1]["punch_untracked_pages"] == probes[0]["punch_untracked_pages"]
 
 
+def test_cow_breaks_of_pages_merged_before_tracing_started(fast_ksm, tmp_path):
+    """All N pages are merged before the recorder starts: it seeds the workload's merged page
+    set from /proc at attach time (the header says how many pages), so it sees every one of
+    the M COW breaks that follow, and cow_ksm agrees. The workload takes its mmap_lock first,
+    as a qemu would, so the tracer knows its mm: the rmap items ksmd then removes for the
+    COW-broken pages are the workload's, not unmerges of an unknown process."""
+    log = tmp_path / "seeded.jsonl"
+    work = Workload(N)
+    recorder = None
+    try:
+        wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
+        wait_scans()
+        recorder = start_recorder(log)  # returns once the first batch is written: seeded
+        work.do("lock")
+        work.do(f"cow {M}")
+        wait_scans()
+        time.sleep(2 * float(INTERVAL))
+        err = stop(recorder)
+        assert work.merging_pages() == N - M
+    finally:
+        if recorder is not None and recorder.poll() is None:
+            recorder.kill()
+        work.close()
+    assert "stopped by signal; the log is complete" in err, err
+
+    header, recs = records(log)
+    assert header["seeded_merged_pages"].get(str(work.pid)) == N, header
+    assert "seed_incomplete" not in header, header
+    mine = [r for r in recs if r.get("pid") == work.pid]
+    kinds = Counter(r["kind"] for r in mine)
+    assert kinds["cow_break"] == M, kinds
+    assert kinds["merge"] == 0 and kinds["unmerge"] == 0, kinds
+    assert sum(1 for r in recs if r["kind"] == "cow_break") == M
+    assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+
+    vmstat = [r["values"]["cow_ksm"] for r in recs if r.get("group") == "vmstat"]
+    assert vmstat[-1] - vmstat[0] == M
+    corr = summarize(LogReader(log))["correlation"]
+    verdicts = {r["rule"]: r["verdict"] for r in corr["rules"]}
+    assert verdicts["ksm cow breaks"] == "agrees", corr
+    assert verdicts["ksm stream: cow breaks"] == "agrees", corr
+    assert corr["verdict"] == "agrees", corr
+
+
 def test_trace_json_lines_while_merging(fast_ksm, tmp_path):
     pages = 512
     errors = tmp_path / "trace.err"
