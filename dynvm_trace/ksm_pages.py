@@ -15,11 +15,11 @@ one-line reason for each of these.
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
 from .paths import Roots
+from .procfs import Mapping, parse_maps
 
 PAGEMAP_PRESENT = np.uint64(1 << 63)
 PAGEMAP_PFN = np.uint64((1 << 55) - 1)  # bits 0-54 of a present page's entry
@@ -29,10 +29,6 @@ ENTRY = 8  # bytes per pagemap or kpageflags entry (little-endian u64)
 # kpageflags in aligned windows of this many PFNs (128 KiB reads), each read at most once.
 PAGEMAP_SLICE = 1 << 20
 KPF_WINDOW = 1 << 14
-
-# "start-end perms offset dev inode [path]", e.g. "7f2c5e400000-7f2c5e600000 rw-p 00000000
-# 00:00 0"; a smaps VMA's fields ("Rss:   8 kB", ..., "VmFlags: rd wr mr mw me ac mg") follow.
-_VMA = re.compile(r"([0-9a-f]+)-([0-9a-f]+)\s+([rwxsp-]{4})\s+\S+\s+\S+\s+(\d+)")
 
 
 class PagesUnreadable(Exception):
@@ -46,19 +42,20 @@ def parse_mergeable_ranges(text: str, merge_any: bool = False) -> list[tuple[int
     flag or not. A VMA cut off before its VmFlags line counts only by that second rule;
     lines that are neither a VMA nor its VmFlags are skipped."""
     ranges: list[tuple[int, int]] = []
-    vma: tuple[int, int] | None = None  # the VMA whose VmFlags line is still to come
+    vma: Mapping | None = None  # the VMA whose VmFlags line is still to come
     for line in text.splitlines():
-        m = _VMA.match(line)
-        if m:
-            start, end = int(m[1], 16), int(m[2], 16)
-            vma = (start, end) if start < end else None
-            if vma and merge_any and m[3].endswith("p") and m[4] == "0":
-                ranges.append(vma)
-                vma = None
-        elif vma and line.startswith("VmFlags:"):
-            if "mg" in line.split()[1:]:
-                ranges.append(vma)
+        if line.startswith("VmFlags:"):
+            if vma and "mg" in line.split()[1:]:
+                ranges.append((vma.start, vma.end))
             vma = None
+            continue
+        # a VMA's first line is a /proc/PID/maps line; its fields ("Rss:   8 kB", ...) follow
+        header = parse_maps(line)
+        if header:
+            vma = header[0]
+            if merge_any and not vma.shared and not vma.inode:
+                ranges.append((vma.start, vma.end))
+                vma = None
     return ranges
 
 
