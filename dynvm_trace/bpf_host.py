@@ -45,8 +45,6 @@ TRACEPOINTS: tuple[Tracepoint, ...] = (
     Tracepoint("ksm", "ksm_stop_scan", ("seq", "rmap_entries"), "scan cycles"),
     Tracepoint("ksm", "ksm_enter", ("mm",), "which process an mm is"),
     Tracepoint("ksm", "ksm_exit", ("mm",), "which process an mm is"),
-    Tracepoint("mmap_lock", "mmap_lock_start_locking", ("mm",),
-               "which process an mm is, for processes in KSM before tracing began"),
     Tracepoint("exceptions", "page_fault_user", ("address", "error_code"),
                "COW breaks and refaults"),
     Tracepoint("syscalls", "sys_enter_madvise", ("start", "len_in", "behavior"),

@@ -2,10 +2,12 @@
  *
  * Compiled by dynvm_trace/sources/ksm.py, which defines, from what the kernel has:
  *   PAGE_SHIFT_       log2 of the page size
+ *   TASK_MM_OFF       offset of `mm` in struct task_struct (from BTF); -1 when unknown: then
+ *                     processes in KSM before tracing began stay unresolved
  *   RMAP_ADDR_OFF     offset of `address` in struct ksm_rmap_item (from BTF); -1 when unknown:
  *                     then merges carry no address and COW breaks cannot be told apart
  *   HAVE_MERGE_ONE, HAVE_REMOVE_RMAP, HAVE_SCAN, HAVE_ENTER, HAVE_FAULT, HAVE_MADVISE,
- *   HAVE_FALLOCATE, HAVE_MMAP_LOCK   one per tracepoint that exists with the fields used
+ *   HAVE_FALLOCATE    one per tracepoint that exists with the fields used
  *   STREAM            open the per-event ring buffer (trace/record); without it only the
  *                     in-kernel counters and histograms are kept
  *   TALLY             count events per (process, kind) in the kernel (top: no stream)
@@ -88,6 +90,9 @@ BPF_HISTOGRAM(release_log2, int, 64);   /* pages per discard, log2 */
 BPF_ARRAY(tracked_kernel, u64, PID_WORDS);
 BPF_ARRAY(tracked_user, u64, PID_WORDS);
 BPF_HASH(entered, u32, u8, MAX_PROCS);  /* tgids that entered KSM, until user space takes them */
+/* tgids whose mm the fault probe has put in mm_pid (cleared at ksm_exit and, for pids that are
+ * gone, by user space: a lost race only means learning once more) */
+BPF_ARRAY(mm_known, u64, PID_WORDS);
 /* A process's mm, as KSM knows it. With TALLY, its merges are counted here: a merge then costs
  * one hash lookup (the mm's), where a per-process tally took a second one (~25 ns). */
 struct mm_info {
@@ -362,8 +367,7 @@ TRACEPOINT_PROBE(ksm, ksm_stop_scan)
 
 #ifdef HAVE_ENTER
 /* madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE) enter in the process itself; a fork
- * of a KSM process enters the child's mm from the parent (attributed to the parent until the
- * child's own mmap_lock use corrects it). */
+ * of a KSM process enters the child's mm from the parent (attributed to the parent). */
 TRACEPOINT_PROBE(ksm, ksm_enter)
 {
     u64 mm = (u64)args->mm;
@@ -394,6 +398,10 @@ TRACEPOINT_PROBE(ksm, ksm_exit)
     if (pid) {
         exited_mm.update(&mm, &pid);
         track_kernel(pid, 0);
+        u32 word = pid / 64;
+        u64 *known = mm_known.lookup(&word);
+        if (known)
+            __sync_fetch_and_and(known, ~(1ULL << (pid & 63)));
     }
     count(C_EXIT, 1);
     emit(E_EXIT, pid, mm, 0, 0, 0, 0);
@@ -401,28 +409,32 @@ TRACEPOINT_PROBE(ksm, ksm_exit)
 }
 #endif
 
-#ifdef HAVE_MMAP_LOCK
-/* Learns mm -> process for tracked processes that entered KSM before we attached. Only a
- * process's own lock use counts (ksmd and /proc readers lock other processes' mms, but
- * those are not tracked or already known). */
-TRACEPOINT_PROBE(mmap_lock, mmap_lock_start_locking)
-{
-    u64 mm = (u64)args->mm;
-    u32 pid = current_tgid();
-    if (!is_tracked(pid) || mm_pid.lookup(&mm))
-        return 0;
-    set_mm_pid(mm, pid);
-    return 0;
-}
-#endif
-
 #ifdef HAVE_FAULT
+/* A tracked process that entered KSM before we attached: its mm is learnt at its first page
+ * fault (ksm_enter told us the others'). One bit test per fault once known. */
+static __always_inline void learn_mm(u32 pid)
+{
+#if TASK_MM_OFF >= 0
+    u32 word = pid / 64;
+    u64 bit = 1ULL << (pid & 63);
+    u64 *known = mm_known.lookup(&word);
+    if (!known || (*known & bit))
+        return;
+    u64 mm = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), (char *)bpf_get_current_task() + TASK_MM_OFF);
+    if (mm)
+        set_mm_pid(mm, pid);
+    __sync_fetch_and_or(known, bit);
+#endif
+}
+
 /* error_code bits (x86): 0 protection violation (page present), 1 write, 2 user mode. */
 TRACEPOINT_PROBE(exceptions, page_fault_user)
 {
     u32 pid = current_tgid();
     if (!is_tracked(pid))
         return 0;
+    learn_mm(pid);
     u64 addr = args->address & ~((1ULL << PAGE_SHIFT_) - 1);
     if ((args->error_code & 3) == 3 && page_bit(MERGED, pid, addr, 0)) {
         count(C_COW, 1);

@@ -11,8 +11,6 @@
     punch K      fallocate(PUNCH_HOLE | KEEP_SIZE) of the memfd's pages 0..K-1
     mtouch J     writes distinct bytes into the memfd's pages 0..J-1 (J refaults after punch)
     wait         does nothing (the test polls the kernel meanwhile)
-    lock         maps and unmaps a page: takes its own mmap_lock, as a qemu does all the time (a
-                 tracer attached after the process entered KSM learns its mm from that)
     exit
 
 Each command is answered with "ok". Used by tests/test_ksm_live.py, bench/ksm_overhead.py and bench/ksm_capacity.py.
@@ -104,8 +102,6 @@ def main() -> None:
             while time.monotonic() < end:
                 for i in range(0, n * ps, ps):
                     mem[i:i + 8] = same
-        elif cmd == "lock":
-            mmap.mmap(-1, ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).close()
         elif cmd == "release":
             mem.madvise(mmap.MADV_DONTNEED, 0, count * ps)
         elif cmd == "exit":

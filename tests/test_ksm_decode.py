@@ -38,6 +38,7 @@ def test_defines_follow_the_tracepoints_present():
 def test_defines_without_btf_or_stream():
     flags = _defines(set(), None, False, 8)
     assert "-DRMAP_ADDR_OFF=-1" in flags and "-DSTREAM" not in flags
+    assert "-DTASK_MM_OFF=-1" in flags and "-DTASK_MM_OFF=2360" in _defines(set(), 24, True, 8, 2360)
     assert not any(f.startswith("-DHAVE_") for f in flags)
 
 

@@ -232,8 +232,8 @@ def test_refaults_after_a_punch_hole(live, tmp_path):
 def test_cow_breaks_of_pages_merged_before_tracing_started(fast_ksm, tmp_path):
     """All N pages are merged before the recorder starts: it seeds the workload's merged page
     set from /proc at attach time (the header says how many pages), so it sees every one of
-    the M COW breaks that follow, and cow_ksm agrees. The workload takes its mmap_lock first,
-    as a qemu would, so the tracer knows its mm: the rmap items ksmd then removes for the
+    the M COW breaks that follow, and cow_ksm agrees. Its first fault tells the probe its mm
+    (it entered KSM before the probes attached): the rmap items ksmd then removes for the
     COW-broken pages are the workload's, not unmerges of an unknown process."""
     log = tmp_path / "seeded.jsonl"
     work = Workload(N)
@@ -242,7 +242,6 @@ def test_cow_breaks_of_pages_merged_before_tracing_started(fast_ksm, tmp_path):
         wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
         wait_scans()
         recorder = start_recorder(log)  # returns once the first batch is written: seeded
-        work.do("lock")
         work.do(f"cow {M}")
         wait_scans()
         time.sleep(2 * float(INTERVAL))

@@ -8,8 +8,8 @@ the kernel; merges, unmerges and scans are seen for every process):
     or `ksm_mergeable: yes`),
   - qemu processes (VM discovery), whose guest RAM discards are free page reporting,
   - the pids given with --pid.
-The mm of a process that entered KSM before tracing began is learnt from its own next
-mmap_lock use; until then its merges carry no pid. Where each tracked process maps the files
+The mm of a process that entered KSM before tracing began is learnt at its first page fault
+after the probes attached (current->mm, at its BTF offset); until then its merges carry no pid. Where each tracked process maps the files
 its fds open (shared mappings: /proc/PID/maps, /proc/PID/fd) is written into the kernel at the
 start and every interval, so that a punch hole's file range becomes addresses whose refaults
 are seen (probes/ksm.c).
@@ -113,14 +113,14 @@ PAIRS = {"HAVE_SCAN": ("ksm:ksm_start_scan", "ksm:ksm_stop_scan"),
 
 
 def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
-             ringbuf_pages: int) -> list[str]:
+             ringbuf_pages: int, task_mm_off: int | None = None) -> list[str]:
     have = {"ksm:ksm_merge_one_page": "HAVE_MERGE_ONE", "ksm:ksm_remove_rmap_item": "HAVE_REMOVE_RMAP",
-            "exceptions:page_fault_user": "HAVE_FAULT", "mmap_lock:mmap_lock_start_locking":
-            "HAVE_MMAP_LOCK"}
+            "exceptions:page_fault_user": "HAVE_FAULT"}
     flags = [f"-D{macro}" for tp, macro in have.items() if tp in tracepoints]
     flags += [f"-D{macro}" for macro, tps in PAIRS.items() if all(t in tracepoints for t in tps)]
     flags += [f"-DPAGE_SHIFT_={page_size().bit_length() - 1}",
               f"-DRMAP_ADDR_OFF={-1 if rmap_addr_off is None else rmap_addr_off}",
+              f"-DTASK_MM_OFF={-1 if task_mm_off is None else task_mm_off}",
               f"-DMAX_PROCS={MAX_PROCS}", f"-DMAX_CHUNKS={MAX_CHUNKS}",
               f"-DMAX_RELEASE_CHUNKS={MAX_RELEASE_CHUNKS}", f"-DRINGBUF_PAGES={ringbuf_pages}",
               f"-DPID_WORDS={PID_LIMIT // 64}", f"-DMAX_FDS={MAX_FDS}", f"-DFD_MAPS={FD_MAPS}"]
@@ -225,15 +225,17 @@ class KsmSource(Source):
         for tp in bpf_host.TRACEPOINTS:
             if tp.path not in self.tracepoints:
                 self.warn(f"tracepoint {tp.path} unusable here: no {tp.needed_for}")
-        start_pids = initial_pids(roots, pids)
-        already = {pid: stat for pid in start_pids if in_ksm(stat := _stat_or_none(roots, pid))}
-        # mmap_lock fires on every lock of every mm (ksmd's included): attach it only when a
-        # process was in KSM before we started, whose mm we must learn.
-        if not already:
-            self.tracepoints.discard("mmap_lock:mmap_lock_start_locking")
+        task_mm_off = kernel_member_offset(roots, "task_struct", "mm")
+        if task_mm_off is None:
+            self.warn("no BTF offset for task_struct.mm: the merges of processes in KSM before "
+                      "tracing began carry no pid")
         bcc = bpf_host.import_bcc()
         self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
-            self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages))
+            self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages, task_mm_off))
+        # after attaching: a process entering KSM while the probes compiled (seconds) is
+        # either seen here or by ksm_enter
+        start_pids = initial_pids(roots, pids)
+        already = {pid: stat for pid in start_pids if in_ksm(stat := _stat_or_none(roots, pid))}
         self._chunks: list[np.ndarray] = []  # records taken from the ring, not yet taken in
         self._bulk: list[np.ndarray] = []  # held bulk events: parts, each in time order
         self._ring: RingReader | None = None
@@ -279,10 +281,10 @@ class KsmSource(Source):
             if until_ns is not None and int(self._chunks[-1]["ts"][-1]) > until_ns:
                 return
 
-    def _set_tracked(self, pids: set[int], on: bool) -> None:
-        """Set or clear pids in user space's bitmap of tracked tgids (the kernel has its own,
-        for ksm_enter: see probes/ksm.c)."""
-        table = self.bpf["tracked_user"]
+    def _set_bits(self, name: str, pids: set[int], on: bool) -> None:
+        """Set or clear pids in one of the probes' bitmaps of tgids: tracked_user (user space's
+        tracked tgids; the kernel has its own, for ksm_enter: see probes/ksm.c) or mm_known."""
+        table = self.bpf[name]
         for word in {pid // 64 for pid in pids if pid < PID_LIMIT}:
             key = table.Key(word)
             bits = table[key].value
@@ -292,7 +294,7 @@ class KsmSource(Source):
             table[key] = table.Leaf(bits)
 
     def _track(self, pids: set[int]) -> None:
-        self._set_tracked(pids - self.tracked, True)
+        self._set_bits("tracked_user", pids - self.tracked, True)
         self.tracked |= pids
 
     def _seed_merged(self, stats: dict[int, dict[str, Any]]) -> None:
@@ -360,7 +362,8 @@ class KsmSource(Source):
             return
         # Untracked first: from then on the probe leaves their page sets alone (an exited
         # process's rmap items that ksmd removes later are counted as unmerge_after_exit).
-        self._set_tracked(gone, False)
+        self._set_bits("tracked_user", gone, False)
+        self._set_bits("mm_known", gone, False)  # a new process may come with the same pid
         left: dict[str, dict[int, int]] = {}  # page set -> pid -> pages still in it
         for name in ("merged", "released"):
             table, counts = self.bpf[name], left.setdefault(name, {})
