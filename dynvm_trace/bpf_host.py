@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .btf import kernel_member_offset
 from .capabilities import Check
 from .paths import Roots
 
@@ -189,8 +190,8 @@ def check_headers(roots: Roots) -> Check:
                      "linked there (scripts/setup.sh does it as root)")
     target = os.path.realpath(build)
     return Check("kernel headers", True, f"{build} -> {target}" + (
-        "" if platform.release() in target else " (another kernel's headers: tracepoint "
-        "probes only read tracefs formats, so this is enough)"))
+        "" if platform.release() in target else " (another kernel's headers: the probes take "
+        "tracepoint fields from tracefs and structure offsets from BTF, so this is enough)"))
 
 
 def check_kprobes(roots: Roots) -> Check:
@@ -201,10 +202,28 @@ def check_kprobes(roots: Roots) -> Check:
                  "(the ksm source needs only tracepoints)", "")
 
 
+# Members of kernel structures the ksm probes read, at the offsets the kernel's BTF gives
+# (another kernel's headers would give wrong ones): (struct, member, what it is needed for)
+BTF_MEMBERS = (
+    ("ksm_rmap_item", "address", "COW breaks"),
+    ("task_struct", "mm", "pids for processes in KSM before tracing began"),
+)
+
+
+def check_btf_member(roots: Roots, struct_name: str, member: str, needed_for: str) -> Check:
+    label = f"BTF {struct_name}.{member}"
+    off = kernel_member_offset(roots, struct_name, member)
+    if off is None:
+        return Check(label, False, f"not found in {roots.sys('kernel', 'btf', 'vmlinux')}: "
+                     f"no {needed_for}", "a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    return Check(label, True, f"offset {off} ({needed_for})")
+
+
 def requirement_checks(roots: Roots) -> list[Check]:
     """Every requirement of live tracing, in the order doctor lists them."""
     checks = [check_privilege(roots), check_bpf_syscall(), check_tracefs(roots)]
     checks += [check_tracepoint(roots, tp) for tp in TRACEPOINTS]
+    checks += [check_btf_member(roots, *m) for m in BTF_MEMBERS]
     checks += [check_bcc(), check_headers(roots), check_kprobes(roots)]
     return checks
 

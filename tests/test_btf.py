@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dynvm_trace.bpf_host import check_btf_member
 from dynvm_trace.btf import BTFError, kernel_member_offset, member_offset
 from dynvm_trace.paths import Roots
 
@@ -109,6 +110,18 @@ def test_kernel_member_offset_never_raises(tmp_path):
     assert kernel_member_offset(roots, "ksm_rmap_item", "address") is None
     btf.write_bytes(kernelish().bytes())
     assert kernel_member_offset(roots, "ksm_rmap_item", "address") == 24
+
+
+def test_doctor_check_names_the_offset_or_the_fix(tmp_path):
+    roots = Roots(tmp_path / "sys", tmp_path / "proc")
+    missing = check_btf_member(roots, "ksm_rmap_item", "address", "COW breaks")
+    assert not missing.ok and missing.name == "BTF ksm_rmap_item.address"
+    assert "no COW breaks" in missing.detail and "CONFIG_DEBUG_INFO_BTF" in missing.fix
+    btf = tmp_path / "sys" / "kernel" / "btf" / "vmlinux"
+    btf.parent.mkdir(parents=True)
+    btf.write_bytes(kernelish().bytes())
+    found = check_btf_member(roots, "ksm_rmap_item", "address", "COW breaks")
+    assert found.ok and found.detail == "offset 24 (COW breaks)"
 
 
 def test_running_kernel_if_it_has_btf():
