@@ -426,3 +426,15 @@ def test_no_seed_fields_without_the_rmap_address(tmp_path, make_tree):
     src, _, _ = seeding_source(tmp_path, make_tree)
     src.rmap_addr_off = None  # no COW breaks at all: the source does not seed
     assert src._seed_fields() == {}
+
+
+def test_tally_counts_missing_from_one_read_are_not_counted_again(tmp_path, make_tree):
+    """A process's merges move from its mm's entry to its tallies at ksm_exit; an exit between
+    the reads of the two maps leaves them out of that read only."""
+    src = source(tmp_path, make_tree)
+    src._tallied = {}
+    counts = []
+    for now in ({(7, kc.E_MERGE_EXISTING): 5}, {}, {(7, kc.E_MERGE_EXISTING): 5},
+                {(7, kc.E_MERGE_EXISTING): 6, (7, kc.E_COW): 2}):
+        counts.append([r["counts"] for r in src._tally_records(1, 2, now)])
+    assert counts == [[{"merge": 5}], [], [], [{"merge": 1, "cow_break": 2}]]

@@ -460,7 +460,10 @@ class KsmSource(Source):
                 entry["counts"][name] = entry["counts"].get(name, 0) + delta
             if kind in TALLY_PAGES:
                 entry["pages"][TALLY_PAGES[kind]] = delta
-        self._tallied = now
+        # a count missing from this read keeps its last value: a process's merges leave its
+        # mm's entry at ksm_exit for its tallies, and an exit between the two maps' reads
+        # shows them in neither (counting them again at the next read, from 0, would be wrong)
+        self._tallied.update(now)
         out = []
         for pid, entry in sorted(per_pid.items()):
             if not entry["counts"]:
