@@ -35,6 +35,12 @@
  * punch_untracked_pages. Files on file systems with blocks larger than the page size
  * (hugetlbfs) are left out of fd_maps by user space: a huge page refaults with one fault, and
  * the fault path counts one page per fault.
+ *
+ * qemu discards file-backed guest RAM in host-sized pages with a punch hole and then a madvise
+ * of the same addresses, in the same thread: one discard, two syscalls. A madvise discard that
+ * lies within the addresses of its thread's last punch hole is that discard's second half: its
+ * pages are marked again (no change), but it is no release of its own, only counted in
+ * release_repeat (repeats_punch).
  */
 
 #define CHUNK_PAGES 512
@@ -46,7 +52,8 @@ enum {
     C_MERGE_NEW, C_MERGE_EXISTING, C_MERGE_ZERO, C_MERGE_FAIL, C_UNMERGE, C_UNMERGE_AFTER_COW,
     C_SCAN_START, C_SCAN_END, C_ENTER, C_EXIT, C_COW, C_RELEASE, C_RELEASE_PAGES,
     C_RELEASE_UNTRACKED_PAGES, C_REFAULT, C_DROPPED, C_CHUNKS_FULL, C_UNRESOLVED_MM,
-    C_TALLY_FULL, C_UNMERGE_AFTER_EXIT, C_PID_OUT_OF_RANGE, C_PUNCH_UNTRACKED_PAGES, N_COUNTERS
+    C_TALLY_FULL, C_UNMERGE_AFTER_EXIT, C_PID_OUT_OF_RANGE, C_PUNCH_UNTRACKED_PAGES,
+    C_RELEASE_REPEAT, N_COUNTERS
 };
 
 /* event kinds: keep in step with EVENT_KINDS in dynvm_trace/sources/ksm.py */
@@ -80,8 +87,10 @@ struct bits {
 struct pending_discard {
     u64 start;
     u64 len;
-    u32 punch;  /* fallocate(PUNCH_HOLE): a file range, not an address range */
-    u32 fd;     /* punch hole: the file's fd */
+    u32 punch;   /* fallocate(PUNCH_HOLE): a file range, not an address range */
+    u32 fd;      /* punch hole: the file's fd */
+    u32 repeat;  /* madvise: the second half of its thread's last punch hole (repeats_punch) */
+    u32 pad;
 };
 
 BPF_PERCPU_ARRAY(counts, u64, N_COUNTERS);
@@ -124,6 +133,15 @@ struct fd_maps_val {
 
 /* (tgid, fd) -> where that fd's file is mapped shared in the process: written by user space */
 BPF_HASH(fd_maps, struct fd_key, struct fd_maps_val, MAX_FDS);
+
+struct addr_range {
+    u64 start;
+    u64 end;
+};
+
+/* thread -> the addresses its last punch hole was translated to, until the thread's next
+ * madvise discard (repeats_punch). LRU: a thread that punches and never madvises goes in time. */
+BPF_TABLE("lru_hash", u64, struct addr_range, last_punch, 4096);
 #endif
 #ifdef STREAM
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -449,6 +467,41 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 }
 #endif
 
+#ifdef HAVE_FALLOCATE
+/* Whether a madvise discard of [start, start + len) by thread tid is the second half of the
+ * thread's last punch hole: qemu's ram_block_discard_range discards file-backed guest RAM in
+ * pages of the host's size with fallocate(PUNCH_HOLE) of the file and then, in the same thread,
+ * madvise(MADV_DONTNEED) of where that range is mapped; the second is not another release of
+ * those pages. It is when its range lies within the addresses the punch hole was translated to
+ * (remember_punch). The thread's next madvise discard takes the punch hole: forgotten either
+ * way. */
+static __always_inline u32 repeats_punch(u64 tid, u64 start, u64 len)
+{
+    struct addr_range *r = last_punch.lookup(&tid);
+    if (!r)
+        return 0;
+    /* madvise rounds len up to whole pages; r->end is page-aligned, so the unrounded end will do */
+    u32 within = start >= r->start && start + len <= r->end;
+    last_punch.delete(&tid);
+    return within;
+}
+
+/* Thread tid's punch hole was translated to [start, end): remembered until the thread's next
+ * madvise discard (repeats_punch). An empty range (no addresses) forgets the last one. */
+static __always_inline void remember_punch(u64 tid, u64 start, u64 end)
+{
+    if (end > start) {
+        struct addr_range r = {.start = start, .end = end};
+        last_punch.update(&tid, &r);
+    } else {
+        last_punch.delete(&tid);
+    }
+}
+#endif
+
+/* At a discard syscall's entry: what to finish at its exit. Whether a madvise repeats a punch
+ * hole is decided here: decided at the exit, after mark_released, it took the exit programs past
+ * the verifier's 1M processed instructions. */
 static __always_inline void stash(u64 start, u64 len, u32 punch, u32 fd)
 {
     u32 pid = current_tgid();
@@ -456,6 +509,10 @@ static __always_inline void stash(u64 start, u64 len, u32 punch, u32 fd)
         return;
     u64 tid = bpf_get_current_pid_tgid();
     struct pending_discard d = {.start = start, .len = len, .punch = punch, .fd = fd};
+#ifdef HAVE_FALLOCATE
+    if (!punch)
+        d.repeat = repeats_punch(tid, start, len);
+#endif
     pending.update(&tid, &d);
 }
 
@@ -544,13 +601,20 @@ static __always_inline void finish_discard(long ret)
         offset = copy.start;
         start = 0;
         end = punched_range(pid, copy.fd, copy.start, copy.len, &start);
+        remember_punch(tid, start, end);
         u64 mapped = end > start ? (end - start) >> PAGE_SHIFT_ : 0;
         if (pages > mapped)
             count(C_PUNCH_UNTRACKED_PAGES, pages - mapped);
     }
 #endif
-    /* one call site: the verifier walks mark_released once per program */
+    /* one call site: the verifier walks mark_released once per program. A repeat is marked
+     * too (setting bits already set); it unmaps no merged page: a punch hole's range is a shared
+     * file mapping, where KSM merges nothing. */
     u64 unmerged = end > start ? mark_released(pid, start, end) : 0;
+    if (copy.repeat) {
+        count(C_RELEASE_REPEAT, 1);
+        return;
+    }
     count(C_RELEASE, 1);
     count(C_RELEASE_PAGES, pages);
     release_log2.increment(bpf_log2l(pages));

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import struct
 from collections import Counter
 
@@ -40,6 +41,18 @@ def test_defines_without_btf_or_stream():
     assert "-DRMAP_ADDR_OFF=-1" in flags and "-DSTREAM" not in flags
     assert "-DTASK_MM_OFF=-1" in flags and "-DTASK_MM_OFF=2360" in _defines(set(), 24, True, 8, 2360)
     assert not any(f.startswith("-DHAVE_") for f in flags)
+
+
+# Counter indices of probes/ksm.c whose COUNTERS name is not their own name in lower case.
+RENAMED_COUNTERS = {"C_ENTER": "ksm_enter", "C_EXIT": "ksm_exit", "C_COW": "cow_break",
+                    "C_RELEASE": "reclaim_release", "C_RELEASE_PAGES": "released_pages",
+                    "C_REFAULT": "reclaim_refault", "C_CHUNKS_FULL": "page_set_full"}
+
+
+def test_counters_name_the_probe_counter_indices_in_order():
+    enum = re.search(r"enum \{\s*(C_MERGE_NEW.*?),\s*N_COUNTERS", ksm._probe_source(), re.S)[1]
+    indices = [c.strip() for c in enum.split(",")]
+    assert [RENAMED_COUNTERS.get(c, c[2:].lower()) for c in indices] == list(ksm.COUNTERS)
 
 
 def test_in_ksm():

@@ -73,7 +73,7 @@ COUNTERS = ("merge_new", "merge_existing", "merge_zero", "merge_fail", "unmerge"
             "unmerge_after_cow", "scan_start", "scan_end", "ksm_enter", "ksm_exit", "cow_break",
             "reclaim_release", "released_pages", "release_untracked_pages", "reclaim_refault",
             "dropped", "page_set_full", "unresolved_mm", "tally_full",
-            "unmerge_after_exit", "pid_out_of_range", "punch_untracked_pages")
+            "unmerge_after_exit", "pid_out_of_range", "punch_untracked_pages", "release_repeat")
 # Tallies (the in-kernel per-process counts, without the stream): event kind -> the record
 # kind it counts, and the kinds whose `pages` a tally carries.
 TALLY_KINDS = {E_MERGE_NEW: "merge", E_MERGE_EXISTING: "merge", E_MERGE_ZERO: "merge",
