@@ -9,6 +9,8 @@
     memfd P      a second region, file-backed as qemu's memfd guest RAM is: a memfd of P pages
                  mapped MAP_SHARED (no THP), filled
     punch K      fallocate(PUNCH_HOLE | KEEP_SIZE) of the memfd's pages 0..K-1
+    discard K    what qemu's ram_block_discard_range does to such RAM: punch K, then
+                 MADV_DONTNEED of the same K pages of the memfd's mapping (same thread)
     mtouch J     writes distinct bytes into the memfd's pages 0..J-1 (J refaults after punch)
     wait         does nothing (the test polls the kernel meanwhile)
     exit
@@ -96,6 +98,9 @@ def main() -> None:
             memfd, shared = shared_memfd(count)
         elif cmd == "punch":
             punch_hole(memfd, count * ps)
+        elif cmd == "discard":  # qemu's order: the file first, then the mapping
+            punch_hole(memfd, count * ps)
+            shared.madvise(mmap.MADV_DONTNEED, 0, count * ps)
         elif cmd == "storm":
             import time
             end, same = time.monotonic() + float(arg[0]), bytes([FILL]) * 8

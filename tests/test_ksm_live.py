@@ -272,6 +272,88 @@ def test_cow_breaks_of_pages_merged_before_tracing_started(fast_ksm, tmp_path):
     assert corr["verdict"] == "agrees", corr
 
 
+def test_a_qemu_discard_of_file_backed_ram_is_one_release(live, tmp_path):
+    """qemu discards memfd-backed guest RAM with a punch hole and then MADV_DONTNEED of the same
+    addresses, in one thread (ram_block_discard_range): one discard of K pages, so one
+    reclaim_release (the punch hole's) and the madvise counted in release_repeat only; writing
+    J of the pages gives J refaults. A punch hole followed by a madvise of other addresses (the
+    anonymous region) stays two releases. The per-VM and correlation figures agree."""
+    log = tmp_path / "discard.jsonl"
+    work = Workload(1)
+    recorder = None
+    try:
+        work.do(f"memfd {P}")
+        ram = [m for m in read_maps(Roots(), work.pid) if MEMFD_NAME in m.path]
+        recorder = start_recorder(log, work.pid)
+        work.do(f"discard {K}")
+        work.do(f"mtouch {J}")
+        work.do(f"punch {K}")
+        work.do("release 1")
+        time.sleep(2 * float(INTERVAL))
+        err = stop(recorder)
+    finally:
+        if recorder is not None and recorder.poll() is None:
+            recorder.kill()
+        work.close()
+    assert "stopped by signal; the log is complete" in err, err
+    assert len(ram) == 1 and ram[0].shared, ram
+
+    header, recs = records(log)
+    mine = [r for r in recs if r.get("pid") == work.pid]
+    releases = [r for r in mine if r["kind"] == "reclaim_release"]
+    assert [(r["discard"], r["pages"]) for r in releases] == \
+        [("punch_hole", K), ("punch_hole", K), ("madvise", 1)], releases
+    assert releases[0]["addr"] == ram[0].start and releases[1]["addr"] == ram[0].start
+    assert not ram[0].start <= releases[2]["addr"] < ram[0].end, releases
+    refaults = [r for r in mine if r["kind"] == "reclaim_refault"]
+    ps = header["page_size"]
+    assert sorted(r["addr"] for r in refaults) == [ram[0].start + i * ps for i in range(J)]
+    assert all(releases[0]["ts"] < r["ts"] < releases[1]["ts"] for r in refaults)
+    assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+    probes = [r["values"] for r in recs if r.get("group") == "ksm_probes"]
+    assert probes[-1]["release_repeat"] - probes[0]["release_repeat"] == 1
+
+    summary = summarize(LogReader(log))
+    row = next(r for r in summary["vms"] if r["vm"] == f"pid {work.pid}")
+    assert (row["released"], row["refaulted"]) == (2 * K + 1, J), row
+    verdicts = {r["rule"]: r["verdict"] for r in summary["correlation"]["rules"]}
+    assert verdicts["ksm stream: released pages"] == verdicts["ksm stream: refaults"] == "agrees"
+
+
+def test_top_mode_a_qemu_discard_is_one_release(live):
+    """The same discard in `top` mode (tallies in the kernel, no stream): K released pages in one
+    reclaim_release, J refaulted, one release_repeat."""
+    from dynvm_trace.aggregators import Aggregates
+    from dynvm_trace.sources.ksm import KsmSource
+
+    work = Workload(1)
+    src = None
+    try:
+        work.do(f"memfd {P}")  # mapped before the source starts: its first batch knows it
+        src = KsmSource(Roots(), pids=(work.pid,), stream=False)
+        agg = Aggregates(4096, 200_000_000)
+        discarded = False
+        for batch in src.batches(200_000_000, None):
+            agg.feed(batch.records, batch.now)
+            if not discarded:
+                work.do(f"discard {K}")
+                work.do(f"mtouch {J}")
+                discarded = True
+            else:
+                src.stop()  # after a snapshot that has them
+        counts = src.kernel_counts()
+    finally:
+        if src is not None:
+            src.close()
+        work.close()
+    row = next(r for r in agg.per_vm.table() if r["vm"] == f"pid {work.pid}")
+    assert (row["released"], row["refaulted"]) == (K, J), row
+    assert agg.totals.snapshot()["events"]["reclaim_release"] == 1
+    assert counts["release_repeat"] == 1 and counts["released_pages"] == K, counts
+    verdicts = {r["rule"]: r["verdict"] for r in agg.correlation.snapshot()["rules"]}
+    assert verdicts["ksm stream: released pages"] == verdicts["ksm stream: refaults"] == "agrees"
+
+
 def test_trace_json_lines_while_merging(fast_ksm, tmp_path):
     pages = 512
     errors = tmp_path / "trace.err"
