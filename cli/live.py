@@ -83,24 +83,30 @@ def _screen(agg: Aggregates, why: str, now: int | None) -> Group:
                  Text(""), _alerts_text(agg))
 
 
-def _plain_line(agg: Aggregates) -> str | None:
+def _plain_line(agg: Aggregates, final: bool = False) -> str | None:
     """One line per completed interval, for a run without a terminal (a pipe, a file, CI);
-    None while the interval has not completed (a big scan arrives in several batches)."""
+    None while the interval has not completed (a big scan arrives in several batches). The
+    final line (at the end of the run) gives the totals and the verdict at the last record."""
     last = agg.interval()
-    if last is None:
+    if final:
+        if agg.last_ts is None:
+            return None
+        rates, end = "end", (agg.last_ts - agg.first_ts) / NS
+    elif last is None:
         return None
+    else:
+        per_s = last["pages_per_s"]  # pages: one per merge-kind event, `pages` of reclaim events
+        rates = " ".join(f"{k} {per_s[k]:,.0f}" + (" pages/s" if k in RECLAIM_KINDS else "/s")
+                         for k in RATE_KINDS if per_s.get(k)) or "no merge or reclaim events"
+        end = (last["end_ns"] - agg.first_ts) / NS
     totals = agg.totals.snapshot()["events"]
-    per_s = last["pages_per_s"]  # pages: one per merge-kind event, `pages` of reclaim events
-    rates = " ".join(f"{k} {per_s[k]:,.0f}" + (" pages/s" if k in RECLAIM_KINDS else "/s")
-                     for k in RATE_KINDS if per_s.get(k))
-    end = (last["end_ns"] - agg.first_ts) / NS
-    return (f"{end:9.1f} s  {rates or 'no merge or reclaim events'} | merges "
+    return (f"{end:9.1f} s  {rates} | merges "
             f"{totals.get('merge', 0):,} cow {totals.get('cow_break', 0):,} | "
             f"counters vs events: {agg.correlation.verdict}")
 
 
 class PlainLines:
-    """Prints _plain_line once per completed interval."""
+    """Prints _plain_line once per completed interval, and a final line at the end."""
 
     def __init__(self, env: Environment, agg: Aggregates):
         self.env, self.agg, self.shown = env, agg, None
@@ -110,6 +116,11 @@ class PlainLines:
         if last is not None and last["index"] != self.shown:
             self.shown = last["index"]
             self.env.out(_plain_line(self.agg))
+
+    def finish(self) -> None:
+        line = _plain_line(self.agg, final=True)
+        if line is not None:
+            self.env.out(line)
 
 
 @click.command()
@@ -149,7 +160,9 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
                         live.update(_screen(agg, short_why, batch.now), refresh=True)
                     drive(source, int(interval * NS), _ns(duration), [feed, show])
             else:
-                drive(source, int(interval * NS), _ns(duration), [feed, PlainLines(env, agg)])
+                lines = PlainLines(env, agg)
+                drive(source, int(interval * NS), _ns(duration), [feed, lines])
+                lines.finish()
     finally:
         source.close()
         if writer:

@@ -3,8 +3,10 @@
 A window is the time between two consecutive counters records of the same group: (prev.ts,
 cur.ts]. In each window a rule compares what its counters moved by (the delta; a sum when the
 rule names several) with what the events say happened, and records the difference
-(counters minus events). A difference no larger than the events lost in that window is
-"explained"; any other is "differs". A rule applies to a window only when every counter it
+(counters minus events). A difference no larger than the events lost in that window, plus the
+events in flight while its two snapshots were read (`in_flight` of a counters record: a source
+that found no quiet moment to take it says how many came meanwhile), is "explained"; any other
+is "differs". A rule applies to a window only when every counter it
 names is present in both snapshots.
 
 Records are taken in stream order (sources emit a counters record after the events it covers),
@@ -107,6 +109,7 @@ class _RuleState:
         self.rule = rule
         self.windows = self.differing = self.explained = 0
         self.counter_total = self.events_total = self.lost_in_explained = self.lost_total = 0
+        self.in_flight_in_explained = 0
         self.worst: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
 
@@ -117,9 +120,10 @@ class _RuleState:
         self.lost_total += window["lost"]
         diff = window["difference"]
         if diff:
-            if abs(diff) <= window["lost"]:
+            if abs(diff) <= window["lost"] + window["in_flight"]:
                 self.explained += 1
                 self.lost_in_explained += window["lost"]
+                self.in_flight_in_explained += window["in_flight"]
             else:
                 self.differing += 1
             if self.worst is None or abs(diff) > abs(self.worst["difference"]):
@@ -141,6 +145,7 @@ class _RuleState:
             "verdict": self.verdict, "windows": self.windows,
             "windows_differing": self.differing, "windows_explained": self.explained,
             "lost_in_explained": self.lost_in_explained,
+            "in_flight_in_explained": self.in_flight_in_explained,
             "counters_total": self.counter_total, "events_total": self.events_total,
             "difference_total": self.counter_total - self.events_total,
             "worst": self.worst, "last": self.last,
@@ -162,8 +167,8 @@ class Correlation:
         self.counters_seen = 0
         self.late_records = 0
         self._last_counters_ts: int | None = None
-        # group -> (ts, values, running quantities) of its latest snapshot
-        self._prev: dict[str, tuple[int, dict[str, Any], dict[str, int]]] = {}
+        # group -> (ts, values, running quantities, in_flight) of its latest snapshot
+        self._prev: dict[str, tuple[int, dict[str, Any], dict[str, int], int]] = {}
 
     def feed(self, records: list[Record], kinds: list[str] | None = None) -> None:
         if kinds is None:
@@ -192,11 +197,12 @@ class Correlation:
         if states is None:
             return
         now = {q: get(self.totals) for q, get in QUANTITIES.items()}
+        in_flight = rec.get("in_flight", 0)
         prev = self._prev.get(group)
-        self._prev[group] = (ts, values, now)
+        self._prev[group] = (ts, values, now, in_flight)
         if prev is None:
             return
-        prev_ts, prev_values, before = prev
+        prev_ts, prev_values, before, prev_in_flight = prev
         lost = now["lost"] - before["lost"]
         for state in states:
             rule = state.rule
@@ -206,7 +212,8 @@ class Correlation:
             counted = sum(values[c] - prev_values[c] for c in rule.counters)
             happened = sum(sign * (now[q] - before[q]) for q, sign in rule.events)
             state.add({"start_ts": prev_ts, "end_ts": ts, "counters": counted,
-                       "events": happened, "difference": counted - happened, "lost": lost})
+                       "events": happened, "difference": counted - happened, "lost": lost,
+                       "in_flight": prev_in_flight + in_flight})
 
     def applicable(self) -> list[_RuleState]:
         """The rules that compared at least one window, in table order."""

@@ -216,7 +216,9 @@ def _correlation(c: dict[str, Any]) -> str:
     for r in c["rules"]:
         verdict = r["verdict"]
         if verdict == "explained":
-            verdict = f"explained by {r['lost_in_explained']:,} lost events"
+            why = [f"{r[k]:,} {what}" for k, what in (("lost_in_explained", "lost events"),
+                   ("in_flight_in_explained", "in flight at snapshots")) if r.get(k)]
+            verdict = "explained by " + " and ".join(why or ["lost events"])
         if r["approximate"]:
             verdict += " (approximate)"
         lines.append(f"{r['rule']:<28} {r['counters']:<44} {r['events']:<48} {r['windows']:>8,} "
@@ -225,7 +227,8 @@ def _correlation(c: dict[str, Any]) -> str:
         if w is not None:
             lines.append(f"  worst window ts {w['start_ts']:,} .. {w['end_ts']:,}: counters "
                          f"{w['counters']:+,}, events {w['events']:+,}, difference "
-                         f"{w['difference']:+,}, lost {w['lost']:,}")
+                         f"{w['difference']:+,}, lost {w['lost']:,}"
+                         + (f", in flight {w['in_flight']:,}" if w.get("in_flight") else ""))
         if r["note"]:
             lines.append(f"  note: {r['note']}")
     return "\n".join(lines)

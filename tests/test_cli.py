@@ -323,8 +323,10 @@ def test_top_without_a_terminal_prints_interval_lines_then_the_report(small_log)
     assert r.code == exitcodes.OK
     first, report = r.out.split("\ndynvm-trace report\n")
     lines = first.strip().splitlines()
-    # one line per completed 5 s interval of the 60 s log
-    assert [line.split()[0] for line in lines] == [f"{5.0 * i:.1f}" for i in range(1, 13)]
+    # one line per completed 5 s interval of the 60 s log, then one at its last record
+    assert [line.split()[0] for line in lines] == [f"{5.0 * i:.1f}" for i in range(1, 13)] + ["60.0"]
+    assert lines[-1].lstrip().startswith("60.0 s  end | merges 4,098 cow 1,031 |"), lines[-1]
+    assert lines[-1].endswith("counters vs events: agrees")
     assert lines[3].lstrip().startswith("20.0 s  merge 820/s |")
     assert lines[5].lstrip().startswith("30.0 s  cow_break 206/s |")
     assert lines[6].lstrip().startswith("35.0 s  reclaim_report 51 pages/s reclaim_release 51 pages/s |")  # 4,098 merges in the 15-20 s interval

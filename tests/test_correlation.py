@@ -70,7 +70,7 @@ def test_differs_with_total_and_worst_window():
     assert r["verdict"] == "differs"
     assert (r["windows"], r["windows_differing"], r["difference_total"]) == (3, 2, 2)
     assert r["worst"] == {"start_ts": 0, "end_ts": 100, "counters": 10, "events": 7,
-                          "difference": 3, "lost": 0}
+                          "difference": 3, "lost": 0, "in_flight": 0}
 
 
 def lost(ts: int, n: int) -> dict:
@@ -202,3 +202,22 @@ def test_merged_pages_a_process_takes_away_at_exit_are_not_a_difference():
     assert rule(run(records), "ksm merged now")["verdict"] == "agrees"
     without = [r for r in records if r["kind"] != "vm_exit"]
     assert rule(run(without), "ksm merged now")["verdict"] == "differs"
+
+
+def test_difference_within_events_in_flight_at_the_snapshots_is_explained():
+    """A source that found no quiet moment to read its counters says how many events came
+    meanwhile (`in_flight`): a window may be off by those of both its ends, no more."""
+    from dynvm_trace.report import _correlation
+
+    def busy(ts: int, merged: int, in_flight: int) -> dict:
+        rec = info(ts, merged)
+        rec["in_flight"] = in_flight
+        return rec
+
+    recs = [busy(0, 0, 2), *merges(1, 7), busy(100, 10, 1)]  # +3 = 2 + 1: explained
+    r = rule(run(recs), "merges")
+    assert (r["verdict"], r["windows_explained"], r["in_flight_in_explained"]) == ("explained", 1, 3)
+    assert "explained by 3 in flight at snapshots" in _correlation(run(recs).snapshot())
+    assert "in flight 3" in _correlation(run(recs).snapshot())
+    recs += [*merges(101, 5), busy(200, 19, 0)]  # +4 > 1 + 0: differs
+    assert rule(run(recs), "merges")["verdict"] == "differs"

@@ -38,7 +38,9 @@ that had events: what happened in the window, counted in the kernel.
 A snapshot is retaken when an event lies within SNAPSHOT_GUARD_NS of it (with the stream: by
 the events' times; without it: the tallies read before and after must be equal): an event whose
 tracepoint fired just before the snapshot may move its kernel counter just after (cow_ksm is
-counted at the end of the fault the tracepoint saw begin).
+counted at the end of the fault the tracepoint saw begin). Under a storm of events no quiet
+moment comes: after SNAPSHOT_RETRIES the counters records carry `in_flight`, the events that
+came meanwhile, and correlation allows a window that much.
 """
 
 from __future__ import annotations
@@ -135,6 +137,15 @@ def _in_time_order(evs: np.ndarray) -> np.ndarray:
     if len(evs) > 1 and np.any(ts[1:] < ts[:-1]):
         return evs[np.argsort(ts, kind="stable")]
     return evs
+
+
+def _in_flight(counters: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Counters records marked with the events (or pages) that came while they were read,
+    when no quiet moment was found (SNAPSHOT_RETRIES): correlation allows that much."""
+    if n > 0:
+        for rec in counters:
+            rec["in_flight"] = n
+    return counters
 
 
 def in_ksm(stat: dict[str, Any] | None) -> bool:
@@ -537,15 +548,12 @@ class KsmSource(Source):
             self._bulk.append(evs[bulk])
         self._hold(self._decode_rare(evs[~bulk]))
 
-    def _near(self, lo: int, hi: int) -> bool:
-        """Whether a held event lies in [lo, hi]."""
-        for part in self._bulk:
-            ts = part["ts"]
-            i = int(np.searchsorted(ts, lo))
-            if i < len(ts) and ts[i] <= hi:
-                return True
-        j = bisect.bisect_left(self._held, lo, key=_TS)
-        return j < len(self._held) and self._held[j]["ts"] <= hi
+    def _held_within(self, lo: int, hi: int) -> int:
+        """How many held events lie in [lo, hi]."""
+        n = sum(int(np.searchsorted(part["ts"], hi, side="right") - np.searchsorted(part["ts"], lo))
+                for part in self._bulk)
+        return n + (bisect.bisect_right(self._held, hi, key=_TS)
+                    - bisect.bisect_left(self._held, lo, key=_TS))
 
     def _release_held(self, upto: int | None) -> Batch | None:
         """The held events up to `upto` (all: None) as a batch (now: upto), no longer held."""
@@ -626,13 +634,14 @@ class KsmSource(Source):
             after = time.monotonic_ns()
             self._drain(until_ns=after + SNAPSHOT_GUARD_NS)
             self._take_in()
-            if not self._near(ts - SNAPSHOT_GUARD_NS, after):
+            in_flight = self._held_within(ts - SNAPSHOT_GUARD_NS, after)
+            if not in_flight:
                 break
             time.sleep(SNAPSHOT_GUARD_NS / 1e9)
         self._hold(self._exits)
         self._exits = []
         batch = self._release_held(ts)
-        batch.dict_records += self._lost(ts, counts) + counters
+        batch.dict_records += self._lost(ts, counts) + _in_flight(counters, in_flight)
         self._last_ts = ts
         return batch
 
@@ -655,6 +664,8 @@ class KsmSource(Source):
             tallies = self.read_tallies()
             if tallies == before:
                 break
+        in_flight = sum(n - before.get(key, 0) for key, n in tallies.items())
+        counters = _in_flight(counters, in_flight)
         events, self._exits = self._exits, []  # vm_exit, taken before this snapshot
         # the window starts just after the previous snapshot: it comes after it in the log
         start = ts if self._last_ts is None else self._last_ts + 1
