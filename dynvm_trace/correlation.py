@@ -7,7 +7,8 @@ rule names several) with what the events say happened, and records the differenc
 events in flight while its two snapshots were read (`in_flight` of a counters record: a source
 that found no quiet moment to take it says how many came meanwhile), is "explained"; any other
 is "differs". A rule applies to a window only when every counter it
-names is present in both snapshots.
+names is present in both snapshots. An approximate rule (a kernel counter that lags the events)
+is judged on its totals: "settling" while they differ and the last window still moved.
 
 Records are taken in stream order (sources emit a counters record after the events it covers),
 so the events of a window are the running totals at its end minus those at its start. Records
@@ -38,6 +39,9 @@ QUANTITIES: dict[str, Callable[[Totals], int]] = {
 }
 
 AGREES, EXPLAINED, DIFFERS, NO_COUNTERS = "agrees", "explained", "differs", "no counters"
+# an approximate rule whose totals differ while its counters or events still move: the kernel
+# has not caught up yet (it is judged once a window passes without either moving)
+SETTLING = "settling"
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,13 @@ class _RuleState:
     def verdict(self) -> str:
         if self.rule.approximate:  # only the totals over the log must agree
             diff = abs(self.counter_total - self.events_total)
-            return AGREES if not diff else EXPLAINED if diff <= self.lost_total else DIFFERS
+            if not diff:
+                return AGREES
+            if diff <= self.lost_total:
+                return EXPLAINED
+            last = self.last
+            moving = last is not None and (last["counters"] or last["events"])
+            return SETTLING if moving else DIFFERS
         return DIFFERS if self.differing else EXPLAINED if self.explained else AGREES
 
     def snapshot(self) -> dict[str, Any]:
@@ -224,7 +234,10 @@ class Correlation:
         verdicts = {s.verdict for s in self.applicable()}
         if not verdicts:
             return NO_COUNTERS
-        return DIFFERS if DIFFERS in verdicts else EXPLAINED if EXPLAINED in verdicts else AGREES
+        for verdict in (DIFFERS, EXPLAINED, SETTLING):
+            if verdict in verdicts:
+                return verdict
+        return AGREES
 
     def snapshot(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "counters_records": self.counters_seen,

@@ -168,7 +168,10 @@ def test_ksm_breaks_counted_a_scan_later_differ_then_catch_up():
     recs = [ksm(0, 9), event("cow_break", 1, "ksm"), ksm(10, 9), ksm(20, 8)]
     r = rule(run(recs), "ksm merged now")
     assert (r["verdict"], r["difference_total"], r["windows_differing"]) == ("agrees", 0, 2)
-    r = rule(run(recs[:3]), "ksm merged now")  # the log ends before the scan caught up
+    r = rule(run(recs[:3]), "ksm merged now")  # the log ends while the COW break is news
+    assert (r["verdict"], r["difference_total"]) == ("settling", 1)
+    assert run(recs[:3]).verdict == "settling"
+    r = rule(run(recs[:3] + [ksm(20, 9)]), "ksm merged now")  # a quiet window: still not caught up
     assert (r["verdict"], r["difference_total"]) == ("differs", 1)
 
 
