@@ -13,6 +13,10 @@ program: runs and ns per run). The statistics cost a little themselves: compare 
 runs without it.
 
     sudo .venv/bin/python bench/ksm_overhead.py [--pages 262144] [--rounds 3] [--cow 0] [--probe-cost]
+        [--resident PAGES]
+
+--resident keeps another process in KSM through every round, there before any tracer starts,
+as on a host with VMs running: the tracers then start with a process already in KSM.
 
 Needs root. KSM knobs are restored at the end.
 """
@@ -226,6 +230,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pages", type=int, default=262144, help="workload pages (1 GiB)")
     ap.add_argument("--cow", type=int, default=0, help="COW breaks per trial (0: none)")
+    ap.add_argument("--resident", type=int, default=0,
+                    help="pages of a process kept in KSM through every round, there before any "
+                         "tracer starts (a host with VMs running; 0: none)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tracers", default=",".join(TRACERS))
     ap.add_argument("--probe-cost", action="store_true",
@@ -247,11 +254,17 @@ def main() -> None:
 def run_rounds(args: argparse.Namespace, tracers: list[str], results: dict[str, list[dict]]) -> None:
     saved = {k: (KSM / k).read_text().strip() for k in KNOBS}
     saved_stats = BPF_STATS.read_text().strip()
+    resident = None
     try:
         if args.probe_cost:
             BPF_STATS.write_text("1")
         for k, v in KNOBS.items():
             (KSM / k).write_text(v)
+        if args.resident:
+            resident = subprocess.Popen([sys.executable, str(WORKLOAD), str(args.resident)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            pid = int(resident.stdout.readline().split()[1])
+            wait(lambda: merging_pages(pid) >= args.resident, what="resident merges")
         with tempfile.TemporaryDirectory() as tmp:
             for rnd in range(args.rounds):
                 for kind in tracers:
@@ -263,6 +276,9 @@ def run_rounds(args: argparse.Namespace, tracers: list[str], results: dict[str, 
                     results[kind].append(r)
                     print(f"round {rnd} {kind:<9} {json.dumps(r)}", flush=True)
     finally:
+        if resident is not None:
+            resident.kill()
+            resident.wait()
         for k in ("run", "pages_to_scan", "sleep_millisecs"):
             (KSM / k).write_text(saved[k])
         BPF_STATS.write_text(saved_stats)
@@ -271,7 +287,8 @@ def run_rounds(args: argparse.Namespace, tracers: list[str], results: dict[str, 
 def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
     base = {key: statistics.median(r[key] for r in results["none"])
             for key in ("merge_s", "cow_s") if "none" in results and key in results["none"][0]}
-    print(f"\n{args.pages} pages, {args.cow} COW breaks, {args.rounds} rounds (medians)")
+    print(f"\n{args.pages} pages, {args.cow} COW breaks, {args.rounds} rounds (medians)"
+          + (f", {args.resident} resident pages in KSM" if args.resident else ""))
     for kind, rs in results.items():
         cells = []
         for key, b in base.items():
