@@ -3,7 +3,8 @@ storm takes, with nothing attached and with each tracer attached, in one run, al
 (round by round), reported as medians and as ratios to the untraced median.
 
 Tracers: `top` (`dynvm-trace top --source ksm`: in-kernel counters and per-process tallies, no
-event stream), `top-probes` (the same probes without the CLI), `record` (every event to a log),
+event stream), `top-probes` (the same probes without the CLI), `bare` (the floor: a bcc counter
+on the merge and the page fault tracepoints, nothing else), `record` (every event to a log),
 `bpftrace` (a count and one histogram on the merge tracepoint), `perf` (perf record -e 'ksm:*').
 Loss: lost events reported by dynvm-trace's record; events bpftrace/perf saw against the
 kernel-side total. Each tracer's own CPU time during the trial is reported too (`tracer_cpu_s`,
@@ -44,7 +45,13 @@ KNOBS = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }")
-TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes
+TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes, bare
+# The floor of any probe on these events: count them, nothing else.
+BARE = """
+BPF_PERCPU_ARRAY(counts, u64, 2);
+TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page) { u32 k = 0; u64 *v = counts.lookup(&k); if (v) *v += 1; return 0; }
+TRACEPOINT_PROBE(exceptions, page_fault_user) { u32 k = 1; u64 *v = counts.lookup(&k); if (v) *v += 1; return 0; }
+"""
 
 
 def ksm(name: str) -> int:
@@ -109,8 +116,9 @@ class Tracer:
                                          text=True, preexec_fn=_default_sigint)
             first = self.proc.stdout.readline()  # the first line: attached
             assert first, self.proc.stderr.read()
-        elif kind == "top-probes":  # the ksm source without the stream, no aggregators
-            self.proc = subprocess.Popen([sys.executable, __file__, "--attach-only"],
+        elif kind in ("top-probes", "bare"):  # top's probes without the CLI; the floor
+            self.proc = subprocess.Popen([sys.executable, __file__, "--attach-only",
+                                          "top" if kind == "top-probes" else "bare"],
                                          stdout=subprocess.PIPE, text=True,
                                          preexec_fn=_default_sigint)
             assert self.proc.stdout.readline().strip() == "attached"
@@ -163,7 +171,7 @@ class Tracer:
         if self.kind == "top":
             lines = out.strip().splitlines()
             return {"last_line": lines[-1] if lines else ""}
-        if self.kind == "top-probes":
+        if self.kind in ("top-probes", "bare"):
             return json.loads(out)
         if self.kind == "record":
             merges = cows = lost = 0
@@ -213,8 +221,21 @@ def trial(pages: int, cow: int) -> dict:
     return result
 
 
-def attach_only() -> None:
-    """The `top` tracer: the ksm source without the event stream, until SIGINT."""
+def attach_only(what: str) -> None:
+    """Until SIGINT: `top`, the ksm source without the event stream; `bare`, BARE."""
+    if what == "bare":
+        from dynvm_trace.bpf_host import import_bcc
+        bpf = import_bcc().BPF(text=BARE)
+        print("attached", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+        table = bpf["counts"]
+        print(json.dumps({"merge_events": int(sum(table[table.Key(0)])),
+                          "faults": int(sum(table[table.Key(1)]))}))
+        bpf.cleanup()
+        return
     from dynvm_trace.paths import Roots
     from dynvm_trace.sources.ksm import KsmSource
     src = KsmSource(Roots(), stream=False)
@@ -237,10 +258,10 @@ def main() -> None:
     ap.add_argument("--tracers", default=",".join(TRACERS))
     ap.add_argument("--probe-cost", action="store_true",
                     help="turn on kernel.bpf_stats_enabled and report the programs' run time")
-    ap.add_argument("--attach-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--attach-only", choices=("top", "bare"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.attach_only:
-        attach_only()
+        attach_only(args.attach_only)
         return
     if os.geteuid() != 0:
         raise SystemExit("needs root")
