@@ -225,7 +225,7 @@ def attach_only(what: str) -> None:
     """Until SIGINT: `top`, the ksm source without the event stream; `bare`, BARE."""
     if what == "bare":
         from dynvm_trace.bpf_host import import_bcc
-        bpf = import_bcc().BPF(text=BARE)
+        bpf = import_bcc().BPF(text=BARE.encode())
         print("attached", flush=True)
         try:
             signal.pause()

@@ -52,7 +52,7 @@ def measure(stream: bool) -> dict[str, int | None]:
     flags = _defines(bpf_host.available_tracepoints(roots),
                      kernel_member_offset(roots, "ksm_rmap_item", "address"), stream, RINGBUF_PAGES,
                      kernel_member_offset(roots, "task_struct", "mm"))
-    bpf = LoadOnly(text=_probe_source(), cflags=flags)
+    bpf = LoadOnly(text=_probe_source().encode(), cflags=flags)
     try:
         return {name.decode()[len(PREFIX):].replace("__", ":"): verified_insns(fn.fd)
                 for name, fn in sorted(bpf.funcs.items())}

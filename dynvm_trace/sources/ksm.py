@@ -241,7 +241,7 @@ class KsmSource(Source):
             self.warn("no BTF offset for task_struct.mm: the merges of processes in KSM before "
                       "tracing began carry no pid")
         bcc = bpf_host.import_bcc()
-        self.bpf = bcc.BPF(text=_probe_source(), cflags=_defines(
+        self.bpf = bcc.BPF(text=_probe_source().encode(), cflags=_defines(
             self.tracepoints, self.rmap_addr_off, stream, ringbuf_pages, task_mm_off))
         # after attaching: a process entering KSM while the probes compiled (seconds) is
         # either seen here or by ksm_enter
