@@ -25,7 +25,7 @@ import pytest
 from dynvm_trace import capabilities
 from dynvm_trace.logfile import LogReader
 from dynvm_trace.paths import Roots
-from dynvm_trace.procfs import read_ksm_stat, read_maps
+from dynvm_trace.procfs import Mapping, read_ksm_stat, read_maps
 from dynvm_trace.report import summarize
 
 from ksm_workload import MEMFD_NAME, exclusive_ksm
@@ -190,20 +190,18 @@ def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
         assert corr["verdict"] == "agrees", corr
 
 
-def test_refaults_after_a_punch_hole(live, tmp_path):
-    """A shared memfd region (file-backed guest RAM, as qemu's memory-backend-memfd): a punch
-    hole of K pages is one reclaim_release at the address the file range is mapped at, and
-    writing J of them again gives exactly J refaults. The recorder learns the mapping at its
-    start, before its first batch."""
-    log = tmp_path / "punch.jsonl"
+def record_memfd_workload(log: Path, *commands: str) -> tuple[int, Mapping, dict, list[dict]]:
+    """A workload with a shared memfd region of P pages (file-backed guest RAM, as qemu's
+    memory-backend-memfd), recorded with its pid tracked while it runs `commands`: its pid, the
+    region's mapping, the log's header and records."""
     work = Workload(1)
     recorder = None
     try:
         work.do(f"memfd {P}")
         ram = [m for m in read_maps(Roots(), work.pid) if MEMFD_NAME in m.path]
         recorder = start_recorder(log, work.pid)
-        work.do(f"punch {K}")
-        work.do(f"mtouch {J}")
+        for command in commands:
+            work.do(command)
         time.sleep(2 * float(INTERVAL))
         err = stop(recorder)
     finally:
@@ -212,18 +210,26 @@ def test_refaults_after_a_punch_hole(live, tmp_path):
         work.close()
     assert "stopped by signal; the log is complete" in err, err
     assert len(ram) == 1 and ram[0].shared, ram
+    return work.pid, ram[0], *records(log)
 
-    header, recs = records(log)
-    assert work.pid in header["tracked_pids"]
-    mine = [r for r in recs if r.get("pid") == work.pid]
+
+def test_refaults_after_a_punch_hole(live, tmp_path):
+    """A shared memfd region (file-backed guest RAM, as qemu's memory-backend-memfd): a punch
+    hole of K pages is one reclaim_release at the address the file range is mapped at, and
+    writing J of them again gives exactly J refaults. The recorder learns the mapping at its
+    start, before its first batch."""
+    pid, ram, header, recs = record_memfd_workload(tmp_path / "punch.jsonl", f"punch {K}",
+                                                   f"mtouch {J}")
+    assert pid in header["tracked_pids"]
+    mine = [r for r in recs if r.get("pid") == pid]
     releases = [r for r in mine if r["kind"] == "reclaim_release"]
     assert len(releases) == 1, releases
     assert releases[0]["discard"] == "punch_hole" and releases[0]["pages"] == K
-    assert releases[0]["offset"] == 0 and releases[0]["addr"] == ram[0].start, releases
+    assert releases[0]["offset"] == 0 and releases[0]["addr"] == ram.start, releases
     refaults = [r for r in mine if r["kind"] == "reclaim_refault"]
     ps = header["page_size"]
     assert len(refaults) == J
-    assert sorted(r["addr"] for r in refaults) == [ram[0].start + i * ps for i in range(J)]
+    assert sorted(r["addr"] for r in refaults) == [ram.start + i * ps for i in range(J)]
     assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
     probes = [r["values"] for r in recs if r.get("group") == "ksm_probes"]
     assert probes[-1]["punch_untracked_pages"] == probes[0]["punch_untracked_pages"]
@@ -279,42 +285,24 @@ def test_a_qemu_discard_of_file_backed_ram_is_one_release(live, tmp_path):
     J of the pages gives J refaults. A punch hole followed by a madvise of other addresses (the
     anonymous region) stays two releases. The per-VM and correlation figures agree."""
     log = tmp_path / "discard.jsonl"
-    work = Workload(1)
-    recorder = None
-    try:
-        work.do(f"memfd {P}")
-        ram = [m for m in read_maps(Roots(), work.pid) if MEMFD_NAME in m.path]
-        recorder = start_recorder(log, work.pid)
-        work.do(f"discard {K}")
-        work.do(f"mtouch {J}")
-        work.do(f"punch {K}")
-        work.do("release 1")
-        time.sleep(2 * float(INTERVAL))
-        err = stop(recorder)
-    finally:
-        if recorder is not None and recorder.poll() is None:
-            recorder.kill()
-        work.close()
-    assert "stopped by signal; the log is complete" in err, err
-    assert len(ram) == 1 and ram[0].shared, ram
-
-    header, recs = records(log)
-    mine = [r for r in recs if r.get("pid") == work.pid]
+    pid, ram, header, recs = record_memfd_workload(log, f"discard {K}", f"mtouch {J}",
+                                                   f"punch {K}", "release 1")
+    mine = [r for r in recs if r.get("pid") == pid]
     releases = [r for r in mine if r["kind"] == "reclaim_release"]
     assert [(r["discard"], r["pages"]) for r in releases] == \
         [("punch_hole", K), ("punch_hole", K), ("madvise", 1)], releases
-    assert releases[0]["addr"] == ram[0].start and releases[1]["addr"] == ram[0].start
-    assert not ram[0].start <= releases[2]["addr"] < ram[0].end, releases
+    assert releases[0]["addr"] == ram.start and releases[1]["addr"] == ram.start
+    assert not ram.start <= releases[2]["addr"] < ram.end, releases
     refaults = [r for r in mine if r["kind"] == "reclaim_refault"]
     ps = header["page_size"]
-    assert sorted(r["addr"] for r in refaults) == [ram[0].start + i * ps for i in range(J)]
+    assert sorted(r["addr"] for r in refaults) == [ram.start + i * ps for i in range(J)]
     assert all(releases[0]["ts"] < r["ts"] < releases[1]["ts"] for r in refaults)
     assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
     probes = [r["values"] for r in recs if r.get("group") == "ksm_probes"]
     assert probes[-1]["release_repeat"] - probes[0]["release_repeat"] == 1
 
     summary = summarize(LogReader(log))
-    row = next(r for r in summary["vms"] if r["vm"] == f"pid {work.pid}")
+    row = next(r for r in summary["vms"] if r["vm"] == f"pid {pid}")
     assert (row["released"], row["refaulted"]) == (2 * K + 1, J), row
     verdicts = {r["rule"]: r["verdict"] for r in summary["correlation"]["rules"]}
     assert verdicts["ksm stream: released pages"] == verdicts["ksm stream: refaults"] == "agrees"
