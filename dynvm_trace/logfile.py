@@ -94,8 +94,7 @@ class LogWriter:
         if batch.columns is None:
             self.write(listed)
             return
-        data, ends = batch.columns.json_lines()
-        view = memoryview(data)
+        view, ends = batch.columns.json_lines()
         cuts = np.searchsorted(batch.columns.ts, [r["ts"] for r in listed], side="right")
         parts: list[bytes | memoryview] = []
         done = 0
@@ -104,7 +103,7 @@ class LogWriter:
             parts += [view[done:upto], jsonio.dumps(rec) + b"\n"]
             done = upto
         parts.append(view[done:])
-        self._f.write(b"".join(parts))
+        self._f.writelines(parts)  # no joined copy of the batch
         self.records += len(batch.columns) + len(listed)
 
     def flush(self) -> None:

@@ -80,7 +80,8 @@ def decode(src: KsmSource) -> list[dict]:
     if batch is None:
         return []
     if batch.columns is not None:
-        data, ends = batch.columns.json_lines()
+        view, ends = batch.columns.json_lines()
+        data = bytes(view)
         assert data == jsonio.dumps_lines(batch.columns.records())
         assert ends[-1] == len(data) and len(ends) == len(batch.columns)
     return batch.records
@@ -179,7 +180,8 @@ def test_columns_print_what_their_records_print_for_any_mix():
     names = {7: {"pid": 7, "comm": 'a "quoted" \\ name'}, 42: {"pid": 42, "comm": "qemu-kvm", "vm": "gä"},
              4194303: {"pid": 4194303}}
     cols = kc.EventColumns(ev, lambda pid: names.get(pid, {}), "ksm")
-    data, ends = cols.json_lines()
+    view, ends = cols.json_lines()
+    data = bytes(view)
     recs = cols.records()
     assert data == jsonio.dumps_lines(recs)
     assert ends.tolist() == np.cumsum([len(jsonio.dumps(r)) + 1 for r in recs]).tolist()

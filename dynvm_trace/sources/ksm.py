@@ -535,18 +535,15 @@ class KsmSource(Source):
         once, into a batch: joining all that is held at every read cost more per event than
         the rest of the recorder), the rare ones (merge failures, scans, discards) become
         records."""
-        if not self._chunks:
-            return
-        evs = _in_time_order(self._chunks[0] if len(self._chunks) == 1
-                             else np.concatenate(self._chunks))
-        self._chunks = []
-        bulk = np.isin(evs["kind"], BULK_KINDS)
-        if bulk.all():
-            self._bulk.append(evs)
-            return
-        if bulk.any():
-            self._bulk.append(evs[bulk])
-        self._hold(self._decode_rare(evs[~bulk]))
+        chunks, self._chunks = self._chunks, []
+        for evs in map(_in_time_order, chunks):  # each read is a part: no copy to join them
+            bulk = np.isin(evs["kind"], BULK_KINDS)
+            if bulk.all():
+                self._bulk.append(evs)
+                continue
+            if bulk.any():
+                self._bulk.append(evs[bulk])
+            self._hold(self._decode_rare(evs[~bulk]))
 
     def _held_within(self, lo: int, hi: int) -> int:
         """How many held events lie in [lo, hi]."""
