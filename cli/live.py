@@ -146,7 +146,7 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
     def feed(batch: Batch) -> None:
         raised = agg.feed(batch.records, batch.now)  # aggregates and alerts
         if writer:
-            writer.write(interleave(batch.records, raised))
+            writer.write(interleave(batch.dict_records, raised), batch.columns)
         if raised and not env.stdout_isatty:
             for a in raised:
                 env.out(f"alert: {alert_line(a)}: {a['message']}")

@@ -72,7 +72,7 @@ def run_to_log(env: Environment, source: Source, interval: float, duration: floa
     def write(batch: Batch) -> None:
         raised = alerts.feed(batch.dict_records)  # column events (merges, COW breaks) raise none
         if writer:
-            writer.write_batch(batch, raised)
+            writer.write(interleave(batch.dict_records, raised), batch.columns)
             writer.flush()
         for a in raised:
             env.warn(alert_note(a))

@@ -6,9 +6,9 @@ rule names several) with what the events say happened, and records the differenc
 (counters minus events). A difference no larger than the events lost in that window, plus the
 events in flight while its two snapshots were read (`in_flight` of a counters record: a source
 that found no quiet moment to take it says how many came meanwhile), is "explained"; any other
-is "differs". A rule applies to a window only when every counter it
-names is present in both snapshots. An approximate rule (a kernel counter that lags the events)
-is judged on its totals: "settling" while they differ and the last window still moved.
+is "differs". A rule applies to a window only when every counter it names is present in both
+snapshots. An approximate rule (a kernel counter that lags the events) is judged on its totals:
+"settling" while they differ and the last window still moved.
 
 Records are taken in stream order (sources emit a counters record after the events it covers),
 so the events of a window are the running totals at its end minus those at its start. Records

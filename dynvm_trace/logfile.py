@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from . import __version__, jsonio
-from .alerts import interleave
 from .events import FORMAT_VERSION
 
 if TYPE_CHECKING:
-    from .sources.base import Batch
+    from .ksm_columns import EventColumns
 
 FORMAT_NAME = "dynvm-trace-log"
 BLOCK = 1 << 20  # bytes read at a time
@@ -82,29 +81,25 @@ class LogWriter:
         self.records = 0
         self._f.write(jsonio.dumps(header) + b"\n")
 
-    def write(self, records: list[dict[str, Any]]) -> None:
-        self._f.write(jsonio.dumps_lines(records))
-        self.records += len(records)
-
-    def write_batch(self, batch: Batch, alerts: list[dict[str, Any]]) -> None:
-        """A batch and the alerts it raised, in time order. A batch's column events go in as
-        the columns' own JSON lines; its listed records (and the alerts) are spliced in where
+    def write(self, records: list[dict[str, Any]], columns: EventColumns | None = None) -> None:
+        """Records in time order; with a batch's `columns` (Batch.columns), its column events
+        too: they go in as the columns' own JSON lines, and the records are spliced in where
         their times fall, after column events of the same time."""
-        listed = interleave(batch.dict_records, alerts)
-        if batch.columns is None:
-            self.write(listed)
+        if columns is None:
+            self._f.write(jsonio.dumps_lines(records))
+            self.records += len(records)
             return
-        view, ends = batch.columns.json_lines()
-        cuts = np.searchsorted(batch.columns.ts, [r["ts"] for r in listed], side="right")
+        view, ends = columns.json_lines()
+        cuts = np.searchsorted(columns.ts, [r["ts"] for r in records], side="right")
         parts: list[bytes | memoryview] = []
         done = 0
-        for cut, rec in zip(cuts.tolist(), listed):
+        for cut, rec in zip(cuts.tolist(), records):
             upto = int(ends[cut - 1]) if cut else 0
             parts += [view[done:upto], jsonio.dumps(rec) + b"\n"]
             done = upto
         parts.append(view[done:])
         self._f.writelines(parts)  # no joined copy of the batch
-        self.records += len(batch.columns) + len(listed)
+        self.records += len(columns) + len(records)
 
     def flush(self) -> None:
         self._f.flush()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dynvm_trace import jsonio
+from dynvm_trace.alerts import interleave
 from dynvm_trace import ksm_columns as kc
 from dynvm_trace.logfile import LogWriter
 from dynvm_trace.paths import Roots
@@ -201,7 +202,7 @@ def test_writer_splices_listed_records_and_alerts_between_column_lines(tmp_path)
     alerts = [{"kind": "alert", "ts": 21, "src": "ksm", "alert": "x"}]
     batch = Batch(50, listed, kc.EventColumns(ev, lambda pid: {"pid": pid}, "ksm"))
     with LogWriter(tmp_path / "a.jsonl", {"kind": "header"}) as w:
-        w.write_batch(batch, alerts)
+        w.write(interleave(batch.dict_records, alerts), batch.columns)
     lines = (tmp_path / "a.jsonl").read_bytes().splitlines()[1:]
     got = [(r["kind"], r["ts"]) for r in map(jsonio.loads, lines)]
     assert got == [("scan_start", 5), ("cow_break", 10), ("cow_break", 20), ("alert", 21),

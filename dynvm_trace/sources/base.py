@@ -20,7 +20,7 @@ class Batch:
     A batch may be empty: it still tells a live view that time has passed. A source may hand
     its bulk events over as columns (dynvm_trace.ksm_columns) beside the records it lists as
     dicts: `records` then builds their dicts and merges them in time order, once; a log writer
-    takes their JSON lines straight from the columns instead (LogWriter.write_batch).
+    takes their JSON lines straight from the columns instead (LogWriter.write).
     """
 
     def __init__(self, now: int, records: list[dict[str, Any]] | None = None,

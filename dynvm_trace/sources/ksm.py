@@ -9,10 +9,10 @@ the kernel; merges, unmerges and scans are seen for every process):
   - qemu processes (VM discovery), whose guest RAM discards are free page reporting,
   - the pids given with --pid.
 The mm of a process that entered KSM before tracing began is learnt at its first page fault
-after the probes attached (current->mm, at its BTF offset); until then its merges carry no pid. Where each tracked process maps the files
-its fds open (shared mappings: /proc/PID/maps, /proc/PID/fd) is written into the kernel at the
-start and every interval, so that a punch hole's file range becomes addresses whose refaults
-are seen (probes/ksm.c).
+after the probes attached (current->mm, at its BTF offset); until then its merges carry no
+pid. Where each tracked process maps the files its fds open (shared mappings: /proc/PID/maps,
+/proc/PID/fd) is written into the kernel at the start and every interval, so that a punch
+hole's file range becomes addresses whose refaults are seen (probes/ksm.c).
 
 A COW break is a write fault on a page in the process's merged page set, which the merges seen
 while tracing fill. The pages a process already had merged when tracing started are put in at
