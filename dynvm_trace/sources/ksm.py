@@ -295,14 +295,15 @@ class KsmSource(Source):
     def _set_bits(self, name: str, pids: set[int], on: bool) -> None:
         """Set or clear pids in one of the probes' bitmaps of tgids: tracked_user (user space's
         tracked tgids; the kernel has its own, for ksm_enter: see probes/ksm.c) or mm_known."""
+        masks: dict[int, int] = {}  # word -> the bits of these pids in it
+        for pid in pids:
+            if pid < PID_LIMIT:
+                masks[pid // 64] = masks.get(pid // 64, 0) | 1 << pid % 64
         table = self.bpf[name]
-        for word in {pid // 64 for pid in pids if pid < PID_LIMIT}:
+        for word, mask in masks.items():
             key = table.Key(word)
             bits = table[key].value
-            for pid in pids:
-                if pid // 64 == word:
-                    bits = bits | (1 << pid % 64) if on else bits & ~(1 << pid % 64)
-            table[key] = table.Leaf(bits)
+            table[key] = table.Leaf(bits | mask if on else bits & ~mask)
 
     def _track(self, pids: set[int]) -> None:
         self._set_bits("tracked_user", pids - self.tracked, True)
