@@ -4,7 +4,8 @@ storm takes, with nothing attached and with each tracer attached, in one run, al
 
 Tracers: `top` (`dynvm-trace top --source ksm`: in-kernel counters and per-process tallies, no
 event stream), `top-probes` (the same probes without the CLI), `bare` (the floor: a bcc counter
-on the merge and the page fault tracepoints, nothing else), `record` (every event to a log),
+on the merge and the page fault tracepoints, nothing else), `bare-raw` (the same counter on raw
+tracepoints, as the ksm source attaches them where BTF allows), `record` (every event to a log),
 `bpftrace` (a count and one histogram on the merge tracepoint), `perf` (perf record -e 'ksm:*').
 Loss: lost events reported by dynvm-trace's record; events bpftrace/perf saw against the
 kernel-side total. Each tracer's own CPU time during the trial is reported too (`tracer_cpu_s`,
@@ -45,13 +46,18 @@ KNOBS = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }")
-TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes, bare
-# The floor of any probe on these events: count them, nothing else.
-BARE = """
-BPF_PERCPU_ARRAY(counts, u64, 2);
-TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page) { u32 k = 0; u64 *v = counts.lookup(&k); if (v) *v += 1; return 0; }
-TRACEPOINT_PROBE(exceptions, page_fault_user) { u32 k = 1; u64 *v = counts.lookup(&k); if (v) *v += 1; return 0; }
-"""
+TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes, bare, bare-raw
+# The floor of any probe on these events: count them, nothing else; attached as tracepoints
+# (bare) or raw (bare-raw: no trace record built, as the ksm source attaches where BTF allows).
+_COUNT = "{ u32 k = %d; u64 *v = counts.lookup(&k); if (v) *v += 1; return 0; }"
+BARE = {
+    "bare": "BPF_PERCPU_ARRAY(counts, u64, 2);\n"
+            f"TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page) {_COUNT % 0}\n"
+            f"TRACEPOINT_PROBE(exceptions, page_fault_user) {_COUNT % 1}\n",
+    "bare-raw": "BPF_PERCPU_ARRAY(counts, u64, 2);\n"
+                f"RAW_TRACEPOINT_PROBE(ksm_merge_with_ksm_page) {_COUNT % 0}\n"
+                f"RAW_TRACEPOINT_PROBE(page_fault_user) {_COUNT % 1}\n",
+}
 
 
 def ksm(name: str) -> int:
@@ -116,9 +122,9 @@ class Tracer:
                                          text=True, preexec_fn=_default_sigint)
             first = self.proc.stdout.readline()  # the first line: attached
             assert first, self.proc.stderr.read()
-        elif kind in ("top-probes", "bare"):  # top's probes without the CLI; the floor
+        elif kind in ("top-probes", *BARE):  # top's probes without the CLI; the floors
             self.proc = subprocess.Popen([sys.executable, __file__, "--attach-only",
-                                          "top" if kind == "top-probes" else "bare"],
+                                          "top" if kind == "top-probes" else kind],
                                          stdout=subprocess.PIPE, text=True,
                                          preexec_fn=_default_sigint)
             assert self.proc.stdout.readline().strip() == "attached"
@@ -171,7 +177,7 @@ class Tracer:
         if self.kind == "top":
             lines = out.strip().splitlines()
             return {"last_line": lines[-1] if lines else ""}
-        if self.kind in ("top-probes", "bare"):
+        if self.kind in ("top-probes", *BARE):
             return json.loads(out)
         if self.kind == "record":
             merges = cows = lost = 0
@@ -222,10 +228,10 @@ def trial(pages: int, cow: int) -> dict:
 
 
 def attach_only(what: str) -> None:
-    """Until SIGINT: `top`, the ksm source without the event stream; `bare`, BARE."""
-    if what == "bare":
+    """Until SIGINT: `top`, the ksm source without the event stream; or a BARE counter."""
+    if what in BARE:
         from dynvm_trace.bpf_host import import_bcc
-        bpf = import_bcc().BPF(text=BARE.encode())
+        bpf = import_bcc().BPF(text=BARE[what].encode())
         print("attached", flush=True)
         try:
             signal.pause()
@@ -258,7 +264,7 @@ def main() -> None:
     ap.add_argument("--tracers", default=",".join(TRACERS))
     ap.add_argument("--probe-cost", action="store_true",
                     help="turn on kernel.bpf_stats_enabled and report the programs' run time")
-    ap.add_argument("--attach-only", choices=("top", "bare"), help=argparse.SUPPRESS)
+    ap.add_argument("--attach-only", choices=("top", *BARE), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.attach_only:
         attach_only(args.attach_only)

@@ -23,7 +23,6 @@ from dynvm_trace.paths import Roots
 from dynvm_trace.sources.ksm import RINGBUF_PAGES, _defines, _probe_source
 
 LIMIT = 1_000_000
-PREFIX = "tracepoint__"
 
 
 def verified_insns(fd: int) -> int | None:
@@ -36,17 +35,27 @@ def verified_insns(fd: int) -> int | None:
     return None
 
 
+def _tracepoint(function: str) -> str:
+    """A program's tracepoint from its bcc function name: `ksm:ksm_enter`, or `ksm_enter
+    (raw)` for a raw tracepoint program."""
+    if function.startswith("raw_tracepoint__"):
+        return f"{function[len('raw_tracepoint__'):]} (raw)"
+    return function[len("tracepoint__"):].replace("__", ":")
+
+
 def measure(stream: bool) -> dict[str, int | None]:
     """tracepoint (group:name) -> verified instructions, with the probe compiled as the ksm
     source compiles it for this kernel (stream: record, else top)."""
     bcc = bpf_host.import_bcc()
+    prefixes = {"tracepoint__": bcc.BPF.TRACEPOINT, "raw_tracepoint__": bcc.BPF.RAW_TRACEPOINT}
 
     class LoadOnly(bcc.BPF):
         def _trace_autoload(self) -> None:  # load every tracepoint program, attach none
             for i in range(bcc.lib.bpf_num_functions(self.module)):
                 name = bcc.lib.bpf_function_name(self.module, i)
-                if name.startswith(PREFIX.encode()):
-                    self.load_func(name, bcc.BPF.TRACEPOINT)
+                for prefix, kind in prefixes.items():
+                    if name.startswith(prefix.encode()):
+                        self.load_func(name, kind)
 
     roots = Roots()
     flags = _defines(bpf_host.available_tracepoints(roots),
@@ -54,7 +63,7 @@ def measure(stream: bool) -> dict[str, int | None]:
                      kernel_member_offset(roots, "task_struct", "mm"))
     bpf = LoadOnly(text=_probe_source().encode(), cflags=flags)
     try:
-        return {name.decode()[len(PREFIX):].replace("__", ":"): verified_insns(fn.fd)
+        return {_tracepoint(name.decode()): verified_insns(fn.fd)
                 for name, fn in sorted(bpf.funcs.items())}
     finally:
         bpf.cleanup()

@@ -8,6 +8,11 @@
  *                     then merges carry no address and COW breaks cannot be told apart
  *   HAVE_MERGE_ONE, HAVE_REMOVE_RMAP, HAVE_SCAN, HAVE_ENTER, HAVE_FAULT, HAVE_MADVISE,
  *   HAVE_FALLOCATE    one per tracepoint that exists with the fields used
+ *   RAW_<tracepoint>  attach that one's program raw: the kernel's BTF gives its arguments
+ *                     (TP_PROTO) the types bpf_host.TRACEPOINTS lists, and the program reads
+ *                     them by position. A raw program costs the traced task less (~80 ns per
+ *                     event here: the kernel builds no trace record for it). Without it the
+ *                     program attaches as a tracepoint and reads the format file's fields.
  *   STREAM            open the per-event ring buffer (trace/record); without it only the
  *                     in-kernel counters and histograms are kept
  *   TALLY             count events per (process, kind) in the kernel (top: no stream)
@@ -308,42 +313,59 @@ static __always_inline void on_merge(u32 kind, u64 mm, u64 pfn, void *rmap_item)
 #endif
 }
 
-TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
+/* Every program below comes in two ways of attaching: raw (RAW_<tracepoint>: arguments by
+ * position, in TP_PROTO's order) or as a tracepoint (fields by name); both call one handler. */
+
+static __always_inline int merge_event(int zero_page, u64 ksm_page, u64 pfn, void *rmap_item,
+                                       u64 mm, int err)
 {
-    if (args->err) {
+    if (err) {
         count(C_MERGE_FAIL, 1);
-        emit(E_MERGE_FAIL, pid_of_mm((u64)args->mm), (u64)args->mm, args->pfn,
-             rmap_address(args->rmap_item), (u64)(s64)args->err, 0);
+        emit(E_MERGE_FAIL, pid_of_mm(mm), mm, pfn, rmap_address(rmap_item), (u64)(s64)err,
+             zero_page);
         return 0;
     }
-    on_merge(args->ksm_page ? E_MERGE_EXISTING : E_MERGE_NEW, (u64)args->mm, args->pfn,
-             args->rmap_item);
+    on_merge(zero_page ? E_MERGE_ZERO : ksm_page ? E_MERGE_EXISTING : E_MERGE_NEW, mm, pfn,
+             rmap_item);
     return 0;
 }
 
+#ifdef RAW_ksm_merge_with_ksm_page
+RAW_TRACEPOINT_PROBE(ksm_merge_with_ksm_page)  /* (ksm_page, pfn, rmap_item, mm, err) */
+{
+    return merge_event(0, ctx->args[0], ctx->args[1], (void *)ctx->args[2], ctx->args[3],
+                       (int)ctx->args[4]);
+}
+#else
+TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
+{
+    return merge_event(0, (u64)args->ksm_page, args->pfn, args->rmap_item, (u64)args->mm,
+                       args->err);
+}
+#endif
+
 #ifdef HAVE_MERGE_ONE
 /* Only the use_zero_pages path: an empty page mapped to the zero page. */
+#ifdef RAW_ksm_merge_one_page
+RAW_TRACEPOINT_PROBE(ksm_merge_one_page)  /* (pfn, rmap_item, mm, err) */
+{
+    return merge_event(1, 0, ctx->args[0], (void *)ctx->args[1], ctx->args[2], (int)ctx->args[3]);
+}
+#else
 TRACEPOINT_PROBE(ksm, ksm_merge_one_page)
 {
-    if (args->err) {
-        count(C_MERGE_FAIL, 1);
-        emit(E_MERGE_FAIL, pid_of_mm((u64)args->mm), (u64)args->mm, args->pfn,
-             rmap_address(args->rmap_item), (u64)(s64)args->err, 1);
-        return 0;
-    }
-    on_merge(E_MERGE_ZERO, (u64)args->mm, args->pfn, args->rmap_item);
-    return 0;
+    return merge_event(1, 0, args->pfn, args->rmap_item, (u64)args->mm, args->err);
 }
+#endif
 #endif
 
 #ifdef HAVE_REMOVE_RMAP
 /* Fires when a KSM page's stable node goes away with mappings still listed: for a page whose
  * COW break we already saw, that is the kernel catching up, not a new unmerge. */
-TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
+static __always_inline int remove_rmap_event(u64 pfn, void *rmap_item, u64 mm)
 {
-    u64 mm = (u64)args->mm;
     u32 pid = pid_of_mm(mm);
-    u64 addr = rmap_address(args->rmap_item);
+    u64 addr = rmap_address(rmap_item);
     if (!pid) {
         /* A process that exited: while it is still tracked its page set decides (a page
          * still merged is an unmerge, and leaves the set vm_exit counts); once the reader
@@ -362,33 +384,61 @@ TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
         return 0;
     }
     count(C_UNMERGE, 1);
-    emit(E_UNMERGE, pid, mm, args->pfn, addr, 0, 0);
+    emit(E_UNMERGE, pid, mm, pfn, addr, 0, 0);
     return 0;
 }
+
+#ifdef RAW_ksm_remove_rmap_item
+RAW_TRACEPOINT_PROBE(ksm_remove_rmap_item)  /* (pfn, rmap_item, mm) */
+{
+    return remove_rmap_event(ctx->args[0], (void *)ctx->args[1], ctx->args[2]);
+}
+#else
+TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
+{
+    return remove_rmap_event(args->pfn, args->rmap_item, (u64)args->mm);
+}
+#endif
 #endif
 
 #ifdef HAVE_SCAN
-TRACEPOINT_PROBE(ksm, ksm_start_scan)
+static __always_inline int scan_event(u32 counter, u32 kind, int seq, u32 rmap_entries)
 {
-    count(C_SCAN_START, 1);
-    emit(E_SCAN_START, 0, 0, 0, 0, args->seq, args->rmap_entries);
+    count(counter, 1);
+    emit(kind, 0, 0, 0, 0, seq, rmap_entries);
     return 0;
 }
 
+#ifdef RAW_ksm_start_scan
+RAW_TRACEPOINT_PROBE(ksm_start_scan)  /* (seq, rmap_entries) */
+{
+    return scan_event(C_SCAN_START, E_SCAN_START, (int)ctx->args[0], (u32)ctx->args[1]);
+}
+#else
+TRACEPOINT_PROBE(ksm, ksm_start_scan)
+{
+    return scan_event(C_SCAN_START, E_SCAN_START, args->seq, args->rmap_entries);
+}
+#endif
+
+#ifdef RAW_ksm_stop_scan
+RAW_TRACEPOINT_PROBE(ksm_stop_scan)  /* (seq, rmap_entries) */
+{
+    return scan_event(C_SCAN_END, E_SCAN_END, (int)ctx->args[0], (u32)ctx->args[1]);
+}
+#else
 TRACEPOINT_PROBE(ksm, ksm_stop_scan)
 {
-    count(C_SCAN_END, 1);
-    emit(E_SCAN_END, 0, 0, 0, 0, args->seq, args->rmap_entries);
-    return 0;
+    return scan_event(C_SCAN_END, E_SCAN_END, args->seq, args->rmap_entries);
 }
+#endif
 #endif
 
 #ifdef HAVE_ENTER
 /* madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE) enter in the process itself; a fork
  * of a KSM process enters the child's mm from the parent (attributed to the parent). */
-TRACEPOINT_PROBE(ksm, ksm_enter)
+static __always_inline int enter_event(u64 mm)
 {
-    u64 mm = (u64)args->mm;
     u32 pid = current_tgid();
     u8 one = 1;
     set_mm_pid(mm, pid);
@@ -400,9 +450,8 @@ TRACEPOINT_PROBE(ksm, ksm_enter)
     return 0;
 }
 
-TRACEPOINT_PROBE(ksm, ksm_exit)
+static __always_inline int exit_event(u64 mm)
 {
-    u64 mm = (u64)args->mm;
     struct mm_info *info = mm_pid.lookup(&mm);
     u32 pid = info ? info->pid : 0;
 #ifdef TALLY
@@ -425,6 +474,30 @@ TRACEPOINT_PROBE(ksm, ksm_exit)
     emit(E_EXIT, pid, mm, 0, 0, 0, 0);
     return 0;
 }
+
+#ifdef RAW_ksm_enter
+RAW_TRACEPOINT_PROBE(ksm_enter)  /* (mm) */
+{
+    return enter_event(ctx->args[0]);
+}
+#else
+TRACEPOINT_PROBE(ksm, ksm_enter)
+{
+    return enter_event((u64)args->mm);
+}
+#endif
+
+#ifdef RAW_ksm_exit
+RAW_TRACEPOINT_PROBE(ksm_exit)  /* (mm) */
+{
+    return exit_event(ctx->args[0]);
+}
+#else
+TRACEPOINT_PROBE(ksm, ksm_exit)
+{
+    return exit_event((u64)args->mm);
+}
+#endif
 #endif
 
 #ifdef HAVE_FAULT
@@ -447,14 +520,14 @@ static __always_inline void learn_mm(u32 pid)
 }
 
 /* error_code bits (x86): 0 protection violation (page present), 1 write, 2 user mode. */
-TRACEPOINT_PROBE(exceptions, page_fault_user)
+static __always_inline int fault_event(u64 address, u64 error_code)
 {
     u32 pid = current_tgid();
     if (!is_tracked(pid))
         return 0;
     learn_mm(pid);
-    u64 addr = args->address & ~((1ULL << PAGE_SHIFT_) - 1);
-    if ((args->error_code & 3) == 3 && page_bit(MERGED, pid, addr, 0)) {
+    u64 addr = address & ~((1ULL << PAGE_SHIFT_) - 1);
+    if ((error_code & 3) == 3 && page_bit(MERGED, pid, addr, 0)) {
         count(C_COW, 1);
         emit(E_COW, pid, 0, 0, addr, 0, 0);
         return 0;
@@ -465,6 +538,18 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
     }
     return 0;
 }
+
+#ifdef RAW_page_fault_user
+RAW_TRACEPOINT_PROBE(page_fault_user)  /* (address, regs, error_code) */
+{
+    return fault_event(ctx->args[0], ctx->args[2]);
+}
+#else
+TRACEPOINT_PROBE(exceptions, page_fault_user)
+{
+    return fault_event(args->address, args->error_code);
+}
+#endif
 #endif
 
 #ifdef HAVE_FALLOCATE

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 
 from dynvm_trace import bpf_host
-from dynvm_trace.bpf_host import (TRACEPOINTS, available_tracepoints, check_tracepoint,
-                                  parse_format_fields)
+from dynvm_trace.bpf_host import (FIELDS, RAW, TRACEPOINTS, available_tracepoints,
+                                  check_tracepoint, parse_format_fields)
 from dynvm_trace.paths import Roots
+
+from test_btf import tracepoint_blob
 
 MERGE_FORMAT = """name: ksm_merge_with_ksm_page
 ID: 744
@@ -85,7 +87,7 @@ def test_missing_tracepoint_and_missing_tracefs(make_tree, tmp_path):
     assert not check.ok and "not in this kernel" in check.detail
     bare = Roots(tmp_path / "nothing", tmp_path / "nothing")
     assert not check_tracepoint(bare, TRACEPOINTS[0]).ok
-    assert available_tracepoints(bare) == set()
+    assert available_tracepoints(bare) == {}
 
 
 def test_available_tracepoints_is_what_has_its_fields(make_tree):
@@ -94,7 +96,49 @@ def test_available_tracepoints_is_what_has_its_fields(make_tree):
         "ksm:ksm_enter": "\tfield:void * mm;\toffset:8;\tsize:8;\tsigned:0;\n",
         "ksm:ksm_exit": "\tfield:void * m",  # truncated: no mm field
     })
-    assert available_tracepoints(roots) == {"ksm:ksm_merge_with_ksm_page", "ksm:ksm_enter"}
+    assert available_tracepoints(roots) == {"ksm:ksm_merge_with_ksm_page": FIELDS,
+                                            "ksm:ksm_enter": FIELDS}
+
+
+def with_btf(roots: Roots, blob: bytes) -> Roots:
+    path = roots.sys("kernel", "btf", "vmlinux")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(blob)
+    return roots
+
+
+MERGE_ARGS = [2, 2, 1, 2, 2, 13]  # (data, ksm_page, pfn, rmap_item, mm, err): see tracepoint_blob
+
+
+def test_raw_where_btf_gives_the_expected_arguments(make_tree, tmp_path):
+    """Raw needs no tracefs: BTF alone says the tracepoint is there with these arguments."""
+    roots = with_btf(Roots(tmp_path / "sys", tmp_path / "proc"),
+                     tracepoint_blob(MERGE_ARGS, "ksm_merge_with_ksm_page").bytes())
+    check = check_tracepoint(roots, TRACEPOINTS[0])
+    assert check.ok and check.detail == ("present, raw: BTF gives "
+                                         "(void *, long unsigned int, void *, void *, int) (merges)")
+    assert available_tracepoints(roots) == {"ksm:ksm_merge_with_ksm_page": RAW}
+    assert available_tracepoints(roots, raw=False) == {}
+    blockers = {c.name for c in bpf_host.ksm_blockers(roots)}
+    assert not {"tracefs", "tracepoint ksm:ksm_merge_with_ksm_page"} & blockers, blockers
+
+
+@pytest.mark.parametrize("params, gives", [
+    (MERGE_ARGS[:-1], "void *, long unsigned int, void *, void *"),   # one argument fewer
+    ([2, 2, 1, 2, 4, 13], "void *, long unsigned int, void *, struct pt_regs *, int"),
+])
+def test_other_arguments_fall_back_to_fields(make_tree, params, gives):
+    roots = with_btf(tracefs(make_tree, {"ksm:ksm_merge_with_ksm_page": MERGE_FORMAT}),
+                     tracepoint_blob(params, "ksm_merge_with_ksm_page").bytes())
+    check = check_tracepoint(roots, TRACEPOINTS[0])
+    assert check.ok and check.detail.endswith(f"(merges); not raw: BTF gives ({gives})")
+    assert available_tracepoints(roots) == {"ksm:ksm_merge_with_ksm_page": FIELDS}
+
+
+@pytest.mark.parametrize("blob", [b"garbage", tracepoint_blob([2, 99], "ksm_merge_with_ksm_page").bytes()])
+def test_garbled_btf_falls_back_to_fields(make_tree, blob):
+    roots = with_btf(tracefs(make_tree, {"ksm:ksm_merge_with_ksm_page": MERGE_FORMAT}), blob)
+    assert available_tracepoints(roots) == {"ksm:ksm_merge_with_ksm_page": FIELDS}
 
 
 @pytest.mark.parametrize("status, caps", [

@@ -1,5 +1,6 @@
-"""btf.member_offset on hand-built BTF blobs: members found, types of every size skipped,
-bitfield offsets, and truncated or garbled blobs reported as BTFError (never another crash)."""
+"""btf.BTF on hand-built BTF blobs: members found, types of every size skipped, bitfield
+offsets, raw tracepoint argument types, and truncated or garbled blobs reported as BTFError
+(never another crash)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dynvm_trace.bpf_host import check_btf_member
-from dynvm_trace.btf import BTFError, kernel_member_offset, member_offset
+from dynvm_trace.btf import BTF, BTFError, kernel_btf, kernel_member_offset
 from dynvm_trace.paths import Roots
 
 
@@ -61,44 +62,89 @@ def kernelish() -> Blob:
 
 def test_finds_the_member_after_types_of_every_size():
     data = kernelish().bytes()
-    assert member_offset(data, "ksm_rmap_item", "address") == 24
-    assert member_offset(data, "ksm_rmap_item", "rmap_list") == 0
-    assert member_offset(data, "ksm_rmap_item", "mm") == 16
+    assert BTF(data).member_offset("ksm_rmap_item", "address") == 24
+    assert BTF(data).member_offset("ksm_rmap_item", "rmap_list") == 0
+    assert BTF(data).member_offset("ksm_rmap_item", "mm") == 16
 
 
 def test_bitfield_offsets_use_the_low_24_bits():
-    assert member_offset(kernelish().bytes(), "packed", "hi") == 5
+    assert BTF(kernelish().bytes()).member_offset("packed", "hi") == 5
 
 
 @pytest.mark.parametrize("struct_name, member", [("ksm_rmap_item", "nope"),
                                                  ("ksm_stable_node", "address"),
                                                  ("ksm_run", "address")])
 def test_not_described_is_none(struct_name, member):
-    assert member_offset(kernelish().bytes(), struct_name, member) is None
+    assert BTF(kernelish().bytes()).member_offset(struct_name, member) is None
 
 
 def test_empty_type_section_is_none():
-    assert member_offset(Blob().bytes(), "ksm_rmap_item", "address") is None
+    assert BTF(Blob().bytes()).member_offset("ksm_rmap_item", "address") is None
 
 
 @pytest.mark.parametrize("data", [b"", b"\x9f\xeb", b"\0" * 23, b"\x00\x00" + b"\0" * 30,
                                   b"ELF\x7f" + b"\0" * 40])
 def test_not_btf(data):
     with pytest.raises(BTFError):
-        member_offset(data, "ksm_rmap_item", "address")
+        BTF(data).member_offset("ksm_rmap_item", "address")
 
 
 @pytest.mark.parametrize("cut", [30, 60, 100, -20])
 def test_truncated_blob_is_btf_error(cut):
     with pytest.raises(BTFError):
-        member_offset(kernelish().bytes()[:cut], "ksm_rmap_item", "address")
+        BTF(kernelish().bytes()[:cut])
 
 
 def test_string_offset_out_of_range_is_btf_error():
     b = Blob()
     b.types = struct.pack("<III", 10_000, 4 << 24, 8)  # a struct whose name is past the end
     with pytest.raises(BTFError):
-        member_offset(b.bytes(), "ksm_rmap_item", "address")
+        BTF(b.bytes())
+
+
+def tracepoint_blob(params: list[int], name: str = "page_fault_user") -> Blob:
+    """The types a kernel's BTF gives a tracepoint's arguments: btf_trace_<name>, a typedef
+    of a pointer to a func proto whose first parameter is the probe's data (void *). Type ids:
+    1 long unsigned int, 2 void *, 4 struct pt_regs *, 6 u32, 7 const struct pt_regs *,
+    8 void **, 13 int."""
+    b = Blob()
+    b.add(1, "long unsigned int", 0, 8, struct.pack("<I", 64))       # 1
+    b.add(2, "", 0, 0)                                                # 2: void *
+    b.struct("pt_regs", [("ip", 0)])                                  # 3
+    b.add(2, "", 0, 3)                                                # 4: struct pt_regs *
+    b.add(1, "unsigned int", 0, 4, struct.pack("<I", 32))             # 5
+    b.add(8, "u32", 0, 5)                                             # 6: typedef
+    b.add(10, "", 0, 4)                                               # 7: const struct pt_regs *
+    b.add(2, "", 0, 2)                                                # 8: void **
+    b.add(13, "", len(params), 0, b"".join(struct.pack("<II", 0, t) for t in params))  # 9
+    b.add(2, "", 0, 9)                                                # 10
+    b.add(8, f"btf_trace_{name}", 0, 10)                              # 11
+    b.add(8, "btf_trace_not_a_pointer", 0, 9)                         # 12
+    b.add(1, "int", 0, 4, struct.pack("<I", (1 << 24) | 32))          # 13
+    return b
+
+
+def test_tracepoint_args_are_the_prototype_after_the_data_pointer():
+    btf = BTF(tracepoint_blob([2, 1, 4, 1]).bytes())
+    assert btf.tracepoint_args("page_fault_user") == ("long unsigned int", "struct pt_regs *",
+                                                      "long unsigned int")
+    assert btf.tracepoint_args("ksm_enter") is None  # not described
+    assert btf.tracepoint_args("not_a_pointer") is None
+
+
+def test_type_names_as_c_spells_them():
+    btf = BTF(tracepoint_blob([2, 6, 7, 8, 0]).bytes())
+    assert btf.tracepoint_args("page_fault_user") == ("u32", "const struct pt_regs *",
+                                                      "void **", "void")
+
+
+@pytest.mark.parametrize("blob", [
+    tracepoint_blob([2, 99]),                    # a parameter of a type id it lacks
+    tracepoint_blob([2, 14]).add(2, "", 0, 14),  # 14: a pointer to itself
+])
+def test_tracepoint_args_garbled_is_btf_error(blob):
+    with pytest.raises(BTFError):
+        BTF(blob.bytes()).tracepoint_args("page_fault_user")
 
 
 def test_kernel_member_offset_never_raises(tmp_path):
@@ -130,3 +176,5 @@ def test_running_kernel_if_it_has_btf():
         pytest.skip("no /sys/kernel/btf/vmlinux here")
     off = kernel_member_offset(Roots(), "ksm_rmap_item", "address")
     assert off is None or 0 <= off < 128
+    args = kernel_btf(Roots()).tracepoint_args("page_fault_user")
+    assert args is None or len(args) == 3

@@ -17,6 +17,7 @@ import pytest
 
 from dynvm_trace import jsonio
 from dynvm_trace.alerts import interleave
+from dynvm_trace.bpf_host import FIELDS, RAW, TRACEPOINTS
 from dynvm_trace import ksm_columns as kc
 from dynvm_trace.logfile import LogWriter
 from dynvm_trace.paths import Roots
@@ -28,20 +29,34 @@ from dynvm_trace.sources.ksm import (EVENT, MAX_CHUNKS, FileRange, KsmSource, _d
 
 
 def test_defines_follow_the_tracepoints_present():
-    flags = _defines({"ksm:ksm_merge_with_ksm_page", "ksm:ksm_start_scan", "ksm:ksm_stop_scan",
-                      "ksm:ksm_enter", "syscalls:sys_enter_madvise"}, 24, True, 8)
+    flags = _defines({"ksm:ksm_merge_with_ksm_page": RAW, "ksm:ksm_start_scan": FIELDS,
+                      "ksm:ksm_stop_scan": RAW, "ksm:ksm_enter": RAW,
+                      "syscalls:sys_enter_madvise": FIELDS}, 24, True, 8)
     assert "-DHAVE_SCAN" in flags and "-DSTREAM" in flags and "-DRMAP_ADDR_OFF=24" in flags
     assert "-DHAVE_ENTER" not in flags  # ksm_exit missing: the pair is not usable
     assert "-DHAVE_MADVISE" not in flags  # sys_exit_madvise missing
     assert "-DRINGBUF_PAGES=8" in flags
     assert not any(f.startswith("-DHAVE_FAULT") for f in flags)
+    assert sorted(f for f in flags if f.startswith("-DRAW_")) == [
+        "-DRAW_ksm_enter", "-DRAW_ksm_merge_with_ksm_page", "-DRAW_ksm_stop_scan"]
 
 
 def test_defines_without_btf_or_stream():
-    flags = _defines(set(), None, False, 8)
+    flags = _defines({}, None, False, 8)
     assert "-DRMAP_ADDR_OFF=-1" in flags and "-DSTREAM" not in flags
-    assert "-DTASK_MM_OFF=-1" in flags and "-DTASK_MM_OFF=2360" in _defines(set(), 24, True, 8, 2360)
-    assert not any(f.startswith("-DHAVE_") for f in flags)
+    assert "-DTASK_MM_OFF=-1" in flags and "-DTASK_MM_OFF=2360" in _defines({}, 24, True, 8, 2360)
+    assert not any(f.startswith(("-DHAVE_", "-DRAW_")) for f in flags)
+
+
+def test_every_raw_program_has_its_define_and_a_fields_twin():
+    """Each tracepoint bpf_host may attach raw has a RAW_<name> program in probes/ksm.c, and
+    a tracepoint program for when it cannot."""
+    source = ksm._probe_source()
+    for tp in TRACEPOINTS:
+        fields_probe = f"TRACEPOINT_PROBE({tp.system}, {tp.name})"
+        assert fields_probe in source, fields_probe
+        raw = f"#ifdef RAW_{tp.name}\nRAW_TRACEPOINT_PROBE({tp.name})"
+        assert (raw in source) == bool(tp.raw_args), tp.path
 
 
 # Counter indices of probes/ksm.c whose COUNTERS name is not their own name in lower case.

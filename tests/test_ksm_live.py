@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dynvm_trace import capabilities
+from dynvm_trace import bpf_host, capabilities
 from dynvm_trace.logfile import LogReader
 from dynvm_trace.paths import Roots
 from dynvm_trace.procfs import Mapping, read_ksm_stat, read_maps
@@ -421,14 +421,20 @@ def test_burst_every_merge_logged_when_stopped_mid_burst(live, tmp_path):
     assert last_probes > last_merge
 
 
-def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm):
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "fields"])
+def test_top_mode_tallies_in_the_kernel_without_a_stream(fast_ksm, raw):
     """The ksm source as `top` opens it (no ring buffer): per-process tallies read from the
     kernel each interval give the workload's N merges and M COW breaks, also after it exited,
-    and agree with the in-kernel totals."""
+    and agree with the in-kernel totals. Both ways of attaching: raw (where BTF allows, as
+    here) and as tracepoints with fields (kernels without BTF)."""
     from dynvm_trace.aggregators import Aggregates
     from dynvm_trace.sources.ksm import KsmSource
 
-    src = KsmSource(Roots(), stream=False)
+    if raw and bpf_host.RAW not in bpf_host.available_tracepoints(Roots()).values():
+        pytest.skip("no BTF describing the tracepoints' arguments: nothing attaches raw here")
+    src = KsmSource(Roots(), stream=False, raw=raw)
+    modes = set(src.tracepoints.values())
+    assert bpf_host.RAW in modes if raw else modes == {bpf_host.FIELDS}, src.tracepoints
     agg = Aggregates(4096, 200_000_000)
     work = None
     phase = ["merge"]

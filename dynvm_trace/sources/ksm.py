@@ -114,11 +114,14 @@ PAIRS = {"HAVE_SCAN": ("ksm:ksm_start_scan", "ksm:ksm_stop_scan"),
          "HAVE_FALLOCATE": ("syscalls:sys_enter_fallocate", "syscalls:sys_exit_fallocate")}
 
 
-def _defines(tracepoints: set[str], rmap_addr_off: int | None, stream: bool,
+def _defines(tracepoints: dict[str, str], rmap_addr_off: int | None, stream: bool,
              ringbuf_pages: int, task_mm_off: int | None = None) -> list[str]:
+    """The probe's compile flags; tracepoints: bpf_host.available_tracepoints()."""
     have = {"ksm:ksm_merge_one_page": "HAVE_MERGE_ONE", "ksm:ksm_remove_rmap_item": "HAVE_REMOVE_RMAP",
             "exceptions:page_fault_user": "HAVE_FAULT"}
     flags = [f"-D{macro}" for tp, macro in have.items() if tp in tracepoints]
+    flags += [f"-DRAW_{tp.split(':')[1]}" for tp, mode in tracepoints.items()
+              if mode == bpf_host.RAW]
     flags += [f"-D{macro}" for macro, tps in PAIRS.items() if all(t in tracepoints for t in tps)]
     flags += [f"-DPAGE_SHIFT_={page_size().bit_length() - 1}",
               f"-DRMAP_ADDR_OFF={-1 if rmap_addr_off is None else rmap_addr_off}",
@@ -217,7 +220,9 @@ class KsmSource(Source):
     name = SRC
 
     def __init__(self, roots: Roots, pids: tuple[int, ...] = (), stream: bool = True,
-                 ringbuf_pages: int = RINGBUF_PAGES, warn=None):
+                 ringbuf_pages: int = RINGBUF_PAGES, warn=None, raw: bool = True):
+        """raw=False attaches every program as a tracepoint with fields, also where BTF
+        would let it attach raw (the way kernels without BTF run it)."""
         super().__init__()
         blockers = bpf_host.ksm_blockers(roots)
         if blockers:
@@ -228,7 +233,7 @@ class KsmSource(Source):
         self.roots = roots
         self.warn = warn or (lambda msg: None)
         self.stream = stream
-        self.tracepoints = bpf_host.available_tracepoints(roots)
+        self.tracepoints = bpf_host.available_tracepoints(roots, raw)
         self.rmap_addr_off = kernel_member_offset(roots, "ksm_rmap_item", "address")
         if self.rmap_addr_off is None:
             self.warn("no BTF offset for ksm_rmap_item.address: merges carry no address, so COW "
@@ -504,6 +509,8 @@ class KsmSource(Source):
         return make_header(SRC, clock="monotonic", page_size=page_size(), anchor_ts=self.anchor[0],
                            anchor_unix_ns=self.anchor[1], stream=self.stream,
                            tracepoints=sorted(self.tracepoints),
+                           raw_tracepoints=sorted(tp for tp, mode in self.tracepoints.items()
+                                                  if mode == bpf_host.RAW),
                            rmap_address_offset=self.rmap_addr_off,
                            tracked_pids=sorted(self.tracked), **self._seed_fields())
 
