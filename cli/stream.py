@@ -12,7 +12,7 @@ import click
 from dynvm_trace import exitcodes, jsonio
 from dynvm_trace.alerts import Alerts, interleave
 from dynvm_trace.environment import Environment
-from dynvm_trace.logfile import LogWriter
+from dynvm_trace.log_spool import SpooledLogWriter
 from dynvm_trace.pipeline import drive, stop_on_sigint
 from dynvm_trace.sources.base import Batch, Source
 from dynvm_trace.sources.select import SourceOptions, open_source
@@ -62,11 +62,11 @@ def run_to_log(env: Environment, source: Source, interval: float, duration: floa
                output: Path | None, label: str) -> int:
     """Drive a source into a log (if given) with a progress line; SIGINT ends it cleanly.
     The alerts derived from the stream (dynvm_trace.alerts) are written into the log as they
-    are raised, and said on stderr. Every interval is flushed: a killed recorder loses at most
-    one."""
+    are raised, and said on stderr. The log is encoded by a low-priority child process
+    (dynvm_trace.log_spool), handed every interval: a killed recorder loses at most one."""
     header = source.header()
     progress = Progress(env, label, header["wall_anchor"]["ts"])
-    writer = LogWriter(output, header) if output else None
+    writer = SpooledLogWriter(output, header) if output else None
     alerts = Alerts()
 
     def write(batch: Batch) -> None:
