@@ -3,6 +3,7 @@ emulate (the emulated host, to a log and/or an emulated sysfs tree)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from dynvm_trace.sources.select import SourceOptions, open_source
 from .options import roots_options, source_options, timing_options
 
 NS = 1_000_000_000
+LIVE_SOURCES = ("ksm", "pone")  # record's --nice applies to these: they share the host's CPUs
 
 
 class Progress:
@@ -98,13 +100,19 @@ def run_to_log(env: Environment, source: Source, interval: float, duration: floa
 @timing_options()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="the event log to write (.jsonl, or .jsonl.gz to compress)")
+@click.option("--nice", type=click.IntRange(-20, 19), default=10, show_default=True,
+              help="the recorder's CPU priority while it traces a live host (ksm, pone): the "
+                   "traced workload keeps the CPU in a burst, and the kernel's ring buffer holds "
+                   "what is not read yet (losses are counted); 0: normal priority")
 @roots_options
 @click.pass_obj
 def record(env: Environment, source_opts: SourceOptions, interval: float, duration: float | None,
-           output: Path) -> int:
+           output: Path, nice: int) -> int:
     """Record events and counter snapshots to an event log (stop with Ctrl-C)."""
     source, why = open_source(source_opts, env.roots, env.warn)
     env.note(why)
+    if source.name in LIVE_SOURCES:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
     return run_to_log(env, source, interval, duration, output, "recording")
 
 

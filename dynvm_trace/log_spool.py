@@ -136,7 +136,7 @@ def encode(spool: str, log: str, lines: Any, say: Any) -> None:
 
 
 def main() -> None:
-    os.nice(NICE)
+    os.setpriority(os.PRIO_PROCESS, 0, NICE)
 
     def say(word: str) -> None:
         print(word, flush=True)

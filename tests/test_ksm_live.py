@@ -119,9 +119,9 @@ def dynvm(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([str(Path(sys.executable).with_name("dynvm-trace")), *args], **kw)
 
 
-def start_recorder(log: Path, *pids: int) -> subprocess.Popen:
+def start_recorder(log: Path, *pids: int, options: tuple[str, ...] = ()) -> subprocess.Popen:
     """`record` of the ksm source (also tracking `pids`), once it has written its first batch."""
-    proc = dynvm("record", "--source", "ksm", "--interval", INTERVAL, "-o", str(log),
+    proc = dynvm("record", "--source", "ksm", "--interval", INTERVAL, "-o", str(log), *options,
                  *(arg for pid in pids for arg in ("--pid", str(pid))),
                  stderr=subprocess.PIPE, text=True)
     wait_for(f"{log} to start", lambda: log.exists() and log.read_text().count("\n") >= 2
@@ -144,7 +144,9 @@ def records(log: Path) -> tuple[dict, list[dict]]:
 
 def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
     logs = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
-    recorders = [start_recorder(log) for log in logs]  # the second runs beside the first
+    # the second runs beside the first, at the normal priority (the first at --nice's default)
+    recorders = [start_recorder(logs[0]), start_recorder(logs[1], options=("--nice", "0"))]
+    assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in recorders] == [10, 0]
     work = Workload(N)
     try:
         wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
