@@ -6,7 +6,8 @@ Tracers: `top` (`dynvm-trace top --source ksm`: in-kernel counters and per-proce
 event stream), `top-probes` (the same probes without the CLI), `bare` (the floor: a bcc counter
 on the merge and the page fault tracepoints, nothing else), `bare-raw` (the same counter on raw
 tracepoints, as the ksm source attaches them where BTF allows), `record` (every event to a log),
-`bpftrace` (a count and one histogram on the merge tracepoint), `perf` (perf record -e 'ksm:*').
+`bpftrace` (a count and one histogram on the merge tracepoint, and write faults counted per
+process), `perf` (perf record -e 'ksm:*').
 Loss: lost events reported by dynvm-trace's record; events bpftrace/perf saw against the
 kernel-side total. Each tracer's own CPU time during the trial is reported too (`tracer_cpu_s`,
 user + system of its process); with --probe-cost, kernel.bpf_stats_enabled is turned on (and
@@ -45,7 +46,11 @@ KSM = Path("/sys/kernel/mm/ksm")
 KNOBS = {"pages_to_scan": "20000", "sleep_millisecs": "0", "run": "1"}
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }")
+# top's equivalent in bpftrace: merges counted with a histogram, and write faults on present
+# pages counted per process (a superset of KSM COW breaks: bpftrace has no page set to tell).
+BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }"
+            " tracepoint:exceptions:page_fault_user /(args->error_code & 3) == 3/"
+            " { @wp_faults[pid] = count(); }")
 TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes, bare, bare-raw
 # The floor of any probe on these events: count them, nothing else; attached as tracepoints
 # (bare) or raw (bare-raw: no trace record built, as the ksm source attaches where BTF allows).
@@ -194,7 +199,8 @@ class Tracer:
                     "stderr": (self.tmp / "record.err").read_text().strip().splitlines()[-3:]}
         if self.kind == "bpftrace":
             m = re.search(r"@merges: (\d+)", out)
-            return {"merge_events": int(m.group(1)) if m else None}
+            return {"merge_events": int(m.group(1)) if m else None,
+                    "wp_faults": sum(map(int, re.findall(r"@wp_faults\[\d+\]: (\d+)", out)))}
         if self.kind == "perf":
             script = subprocess.run(["perf", "script", "-i", str(self.data), "-F", "event"],
                                     capture_output=True, text=True)
