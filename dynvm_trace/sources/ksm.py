@@ -100,7 +100,7 @@ MAX_RELEASE_CHUNKS = 32  # a discard marks at most 64 MiB for refault tracking
 PID_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: pid_max cannot exceed it
 MAX_FDS = 4096  # (process, fd) pairs whose shared file mappings the kernel knows (punch holes)
 FD_MAPS = 4  # shared mappings kept per (process, fd), the first ones in file offset order
-RINGBUF_PAGES = 1 << 13  # 32 MiB: ~600 k events
+RINGBUF_PAGES = 1 << 13  # 32 MiB: 524,288 records (a 56-byte event and the ring's 8-byte header)
 
 
 def _probe_source() -> str:
