@@ -112,7 +112,12 @@ def record(env: Environment, source_opts: SourceOptions, interval: float, durati
     source, why = open_source(source_opts, env.roots, env.warn)
     env.note(why)
     if source.name in LIVE_SOURCES:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except PermissionError:
+            source.close()
+            raise PermissionError(f"--nice {nice}: a priority above the current one needs root "
+                                  "(CAP_SYS_NICE)") from None
     return run_to_log(env, source, interval, duration, output, "recording")
 
 

@@ -305,7 +305,7 @@ static __always_inline void on_merge(u32 kind, u64 mm, u64 pfn, void *rmap_item)
           : C_MERGE_ZERO, 1);
 #ifdef TALLY
     if (info)
-        __sync_fetch_and_add(&info->merges[kind], 1);
+        info->merges[kind] += 1;  /* no lock prefix: ksmd, one thread, is the only merger */
     else
         tally(kind, pid, 1);
 #else
