@@ -17,7 +17,7 @@ from dynvm_trace import exitcodes
 from dynvm_trace.aggregators import Aggregates
 from dynvm_trace.environment import Environment
 from dynvm_trace.events import MERGE_KINDS, RECLAIM_KINDS
-from dynvm_trace.logfile import LogWriter
+from dynvm_trace.log_spool import SpooledLogWriter
 from dynvm_trace.pipeline import drive, stop_on_sigint
 from dynvm_trace.alerts import interleave
 from dynvm_trace.report import aggregates_for, alert_line, fmt_bytes, render_text, summary_of
@@ -141,12 +141,13 @@ def top(env: Environment, source_opts: SourceOptions, interval: float, duration:
     env.note(why)
     header = source.header()
     agg = aggregates_for(header, int(interval * NS))
-    writer = LogWriter(output, header) if output else None
+    writer = SpooledLogWriter(output, header) if output else None
 
     def feed(batch: Batch) -> None:
         raised = agg.feed(batch.records, batch.now)  # aggregates and alerts
         if writer:
             writer.write(interleave(batch.dict_records, raised), batch.columns)
+            writer.flush()
         if raised and not env.stdout_isatty:
             for a in raised:
                 env.out(f"alert: {alert_line(a)}: {a['message']}")

@@ -398,3 +398,14 @@ def test_top_on_a_terminal_draws_the_live_screen(small_log):
     for text in ("source: replay", "events/s", "pages/s", "cow breaks", "shared now", "vm1",
                  "4,098", "1,031", "CORRELATION (counters vs events): agrees"):
         assert text in screen
+
+
+def test_top_with_output_logs_every_record_it_replays(small_log, tmp_path):
+    """`top -o` writes its log through the same low-priority encoder as `record`: every record
+    of the replayed log is in it, in order."""
+    out = tmp_path / "top.jsonl"
+    r = run(["top", "--source", "replay", "--log", small_log, "--speed", "max", "--interval", "5",
+             "--no-report", "-o", out])
+    assert r.code == exitcodes.OK, r.err
+    replayed = list(LogReader(out).records())
+    assert len(replayed) > 1000 and replayed == list(LogReader(small_log).records())
