@@ -108,13 +108,13 @@ def _tracepoint_state(roots: Roots, tp: Tracepoint, raw: bool = True) -> tuple[s
     label = f"tracepoint {tp.path}"
     btf = kernel_btf(roots) if tp.raw_args and raw else None
     try:
-        raw = btf.tracepoint_args(tp.name) if btf else None
+        args = btf.tracepoint_args(tp.name) if btf else None
     except BTFError:  # garbled: as if not described
-        raw = None
-    if raw is not None and raw == tp.raw_args:
-        return RAW, Check(label, True, f"present, raw: BTF gives ({', '.join(raw)}) "
+        args = None
+    if args is not None and args == tp.raw_args:
+        return RAW, Check(label, True, f"present, raw: BTF gives ({', '.join(args)}) "
                           f"({tp.needed_for})")
-    not_raw = f"; not raw: BTF gives ({', '.join(raw)})" if raw is not None else ""
+    not_raw = f"; not raw: BTF gives ({', '.join(args)})" if args is not None else ""
     fields = tracepoint_fields(roots, tp)
     if fields is None:
         return None, Check(label, False, f"not in this kernel (or tracefs not mounted): no "
