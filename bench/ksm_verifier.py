@@ -1,8 +1,8 @@
 """How much of the verifier's budget each ksm probe program takes: the instructions the
 verifier processed to load it (the kernel refuses a program past 1,000,000), for the two ways
 the ksm source compiles probes/ksm.c: `record` (STREAM: the ring buffer) and `top` (TALLY:
-in-kernel tallies). The discard exit programs are the ones near the limit: mark_released's
-loops are unrolled, and the verifier walks them once per path that reaches them.
+in-kernel tallies). The discard exit programs take the most: mark_released's loops are
+unrolled, and the verifier walks them once per path that reaches them.
 
     sudo .venv/bin/python bench/ksm_verifier.py [--json]
 

@@ -192,6 +192,41 @@ def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
         assert corr["verdict"] == "agrees", corr
 
 
+def test_a_release_of_merged_pages_across_many_chunks(fast_ksm, tmp_path):
+    """A madvise discard of R merged pages spanning several 512-page chunks (the first and the
+    last partial, the ones between whole: the probe marks those without per-page bounds): it
+    is one release of R pages, each of the R pages it unmapped is an `unmerge` (released), and
+    touching T of them again is exactly T refaults, no COW break."""
+    R, T = 2053, 1031  # primes; R pages are at least 5 chunks
+    log = tmp_path / "release.jsonl"
+    recorder = start_recorder(log)
+    work = Workload(N)
+    try:
+        wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
+        wait_scans()
+        work.do(f"release {R}")
+        work.do(f"touch {T}")
+        wait_scans()
+        time.sleep(2 * float(INTERVAL))
+        err = stop(recorder)
+        assert work.merging_pages() == N - R
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+        work.close()
+    assert "stopped by signal; the log is complete" in err, err
+    _, recs = records(log)
+    mine = [r for r in recs if r.get("pid") == work.pid]
+    kinds = Counter(r["kind"] for r in mine)
+    assert [r["pages"] for r in mine if r["kind"] == "reclaim_release"] == [R]
+    assert kinds["merge"] == N and kinds["unmerge"] == R, kinds
+    assert {r["reason"] for r in mine if r["kind"] == "unmerge"} == {"released"}
+    assert kinds["reclaim_refault"] == T and kinds["cow_break"] == 0, kinds
+    assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+    corr = summarize(LogReader(log))["correlation"]
+    assert corr["verdict"] == "agrees", corr
+
+
 def record_memfd_workload(log: Path, *commands: str) -> tuple[int, Mapping, dict, list[dict]]:
     """A workload with a shared memfd region of P pages (file-backed guest RAM, as qemu's
     memory-backend-memfd), recorded with its pid tracked while it runs `commands`: its pid, the
