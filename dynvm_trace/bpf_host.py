@@ -54,6 +54,8 @@ TRACEPOINTS: tuple[Tracepoint, ...] = (
                raw_args=("int", "u32")),
     Tracepoint("ksm", "ksm_enter", ("mm",), "which process an mm is", raw_args=(_PTR,)),
     Tracepoint("ksm", "ksm_exit", ("mm",), "which process an mm is", raw_args=(_PTR,)),
+    Tracepoint("sched", "sched_process_fork", ("child_pid",),
+               "which process a KSM process's forked child is (else: its parent)"),
     Tracepoint("exceptions", "page_fault_user", ("address", "error_code"),
                "COW breaks and refaults", raw_args=(_ULONG, "struct pt_regs *", _ULONG)),
     Tracepoint("syscalls", "sys_enter_madvise", ("start", "len_in", "behavior"),

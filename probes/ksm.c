@@ -7,7 +7,7 @@
  *   RMAP_ADDR_OFF     offset of `address` in struct ksm_rmap_item (from BTF); -1 when unknown:
  *                     then merges carry no address and COW breaks cannot be told apart
  *   HAVE_MERGE_ONE, HAVE_REMOVE_RMAP, HAVE_SCAN, HAVE_ENTER, HAVE_FAULT, HAVE_MADVISE,
- *   HAVE_FALLOCATE    one per tracepoint that exists with the fields used
+ *   HAVE_FALLOCATE, HAVE_FORK    one per tracepoint that exists with the fields used
  *   RAW_<tracepoint>  attach that one's program raw: the kernel's BTF gives its arguments
  *                     (TP_PROTO) the types bpf_host.TRACEPOINTS lists, and the program reads
  *                     them by position. A raw program costs the traced task less (~80 ns per
@@ -116,6 +116,14 @@ struct mm_info {
     u64 merges[3];  /* by event kind: E_MERGE_NEW, E_MERGE_EXISTING, E_MERGE_ZERO */
 };
 BPF_HASH(mm_pid, u64, struct mm_info, MAX_PROCS);
+#if defined(HAVE_FORK) && TASK_MM_OFF >= 0
+#define FORK_ATTRIBUTION
+/* Forking thread -> its child's mm. A fork of a KSM process enters the child's mm into KSM
+ * from the parent (ksm_enter fires in the parent, before the child has a pid of its own);
+ * sched_process_fork, in the same thread right after, names the child. LRU: a fork that
+ * failed in between leaves an entry that goes in time. */
+BPF_TABLE("lru_hash", u64, u64, forking, 4096);
+#endif
 /* mm -> tgid of processes that left KSM (ksm_exit): ksmd removes their rmap items later */
 BPF_TABLE("lru_hash", u64, u32, exited_mm, MAX_PROCS);
 BPF_HASH(merged, struct chunk_key, struct bits, MAX_CHUNKS);
@@ -436,11 +444,9 @@ TRACEPOINT_PROBE(ksm, ksm_stop_scan)
 #endif
 
 #ifdef HAVE_ENTER
-/* madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE) enter in the process itself; a fork
- * of a KSM process enters the child's mm from the parent (attributed to the parent). */
-static __always_inline int enter_event(u64 mm)
+/* mm enters KSM for tgid pid. */
+static __always_inline int enter_event(u64 mm, u32 pid)
 {
-    u32 pid = current_tgid();
     u8 one = 1;
     set_mm_pid(mm, pid);
     exited_mm.delete(&mm);  /* a new mm at a freed one's address */
@@ -449,6 +455,24 @@ static __always_inline int enter_event(u64 mm)
     count(C_ENTER, 1);
     emit(E_ENTER, pid, mm, 0, 0, 0, 0);
     return 0;
+}
+
+/* ksm_enter: madvise(MADV_MERGEABLE) and prctl(PR_SET_MEMORY_MERGE) enter in the process
+ * itself. A fork of a KSM process enters the child's mm from the parent: that mm is not the
+ * current task's, and its process is named at sched_process_fork (without FORK_ATTRIBUTION it
+ * is attributed to the parent). */
+static __always_inline int ksm_enter_event(u64 mm)
+{
+#ifdef FORK_ATTRIBUTION
+    u64 own = 0;
+    bpf_probe_read_kernel(&own, sizeof(own), (char *)bpf_get_current_task() + TASK_MM_OFF);
+    if (own != mm) {
+        u64 tid = bpf_get_current_pid_tgid();
+        forking.update(&tid, &mm);
+        return 0;
+    }
+#endif
+    return enter_event(mm, current_tgid());
 }
 
 static __always_inline int exit_event(u64 mm)
@@ -479,12 +503,12 @@ static __always_inline int exit_event(u64 mm)
 #ifdef RAW_ksm_enter
 RAW_TRACEPOINT_PROBE(ksm_enter)  /* (mm) */
 {
-    return enter_event(ctx->args[0]);
+    return ksm_enter_event(ctx->args[0]);
 }
 #else
 TRACEPOINT_PROBE(ksm, ksm_enter)
 {
-    return enter_event((u64)args->mm);
+    return ksm_enter_event((u64)args->mm);
 }
 #endif
 
@@ -497,6 +521,20 @@ RAW_TRACEPOINT_PROBE(ksm_exit)  /* (mm) */
 TRACEPOINT_PROBE(ksm, ksm_exit)
 {
     return exit_event((u64)args->mm);
+}
+#endif
+
+#ifdef FORK_ATTRIBUTION
+/* Every fork and clone: one lookup, a hit only right after a KSM process forked. */
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u64 tid = bpf_get_current_pid_tgid();
+    u64 *mm = forking.lookup(&tid);
+    if (!mm)
+        return 0;
+    u64 child_mm = *mm;
+    forking.delete(&tid);
+    return enter_event(child_mm, args->child_pid);
 }
 #endif
 #endif

@@ -12,6 +12,9 @@
     discard K    what qemu's ram_block_discard_range does to such RAM: punch K, then
                  MADV_DONTNEED of the same K pages of the memfd's mapping (same thread)
     mtouch J     writes distinct bytes into the memfd's pages 0..J-1 (J refaults after punch)
+    fork         a child process that keeps the mergeable region (its pages are the parent's
+                 KSM pages, shared by fork) until it is killed; it dies with this process.
+                 Answered with "ok CHILD_PID"
     wait         does nothing (the test polls the kernel meanwhile)
     exit
 
@@ -27,6 +30,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +80,21 @@ def punch_hole(fd: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def fork_child() -> int:
+    """A child that only waits, keeping the memory it shares with this process; it is killed
+    when this process dies (PR_SET_PDEATHSIG)."""
+    child = os.fork()
+    if child:
+        return child
+    try:
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        os.close(0)
+        while True:
+            signal.pause()
+    finally:
+        os._exit(0)
+
+
 def main() -> None:
     n = int(sys.argv[1])
     ps = mmap.PAGESIZE
@@ -88,6 +107,7 @@ def main() -> None:
     print(f"ready {os.getpid()} {n}", flush=True)
     salt = 0
     memfd, shared = -1, None
+    children: list[int] = []
     for line in sys.stdin:
         cmd, *arg = line.split()
         count = int(arg[0]) if arg and cmd != "storm" else 0
@@ -109,7 +129,15 @@ def main() -> None:
                     mem[i:i + 8] = same
         elif cmd == "release":
             mem.madvise(mmap.MADV_DONTNEED, 0, count * ps)
+        elif cmd == "fork":
+            child = fork_child()
+            children.append(child)
+            print(f"ok {child}", flush=True)
+            continue
         elif cmd == "exit":
+            for child in children:
+                os.kill(child, 9)
+                os.waitpid(child, 0)
             print("ok", flush=True)
             return
         print("ok", flush=True)

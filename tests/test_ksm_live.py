@@ -101,13 +101,17 @@ class Workload:
         assert ready[:1] == ["ready"], ready
         self.pid = int(ready[1])
 
-    def do(self, command: str) -> None:
+    def do(self, command: str) -> list[str]:
+        """Run a command; the words of its answer after "ok"."""
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "ok"
+        answer = self.proc.stdout.readline().split()
+        assert answer[:1] == ["ok"], answer
+        return answer[1:]
 
-    def merging_pages(self) -> int:
-        return (read_ksm_stat(Roots(), self.pid) or {}).get("ksm_merging_pages", 0)
+    def merging_pages(self, pid: int | None = None) -> int:
+        """ksm_merging_pages of this process (or of pid, e.g. its child)."""
+        return (read_ksm_stat(Roots(), pid or self.pid) or {}).get("ksm_merging_pages", 0)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -223,6 +227,36 @@ def test_a_release_of_merged_pages_across_many_chunks(fast_ksm, tmp_path):
     assert {r["reason"] for r in mine if r["kind"] == "unmerge"} == {"released"}
     assert kinds["reclaim_refault"] == T and kinds["cow_break"] == 0, kinds
     assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+    corr = summarize(LogReader(log))["correlation"]
+    assert corr["verdict"] == "agrees", corr
+
+
+def test_the_merges_of_a_forked_child_are_its_own(fast_ksm, tmp_path):
+    """A KSM process forks. KSM enters the child's mm from the parent (ksm_enter fires in the
+    parent), and ksmd then merges the child's N pages into its own rmap items: those N merges
+    are the child's, the parent keeps its N, and each agrees with its /proc/PID/ksm_stat."""
+    log = tmp_path / "fork.jsonl"
+    recorder = start_recorder(log)
+    work = Workload(N)
+    try:
+        wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
+        child = int(work.do("fork")[0])
+        wait_for(f"the child's {N} pages merged", lambda: work.merging_pages(child) == N)
+        wait_scans()
+        time.sleep(2 * float(INTERVAL))
+        err = stop(recorder)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+        work.close()
+    assert "stopped by signal; the log is complete" in err, err
+    _, recs = records(log)
+    merges = Counter(r["pid"] for r in recs if r["kind"] == "merge")
+    assert merges[work.pid] == N and merges[child] == N, merges
+    assert sum(r["count"] for r in recs if r["kind"] == "lost") == 0
+    stats = {r["pid"]: r["values"]["ksm_merging_pages"] for r in recs
+             if r.get("group") == "ksm_stat" and r.get("pid") in (work.pid, child)}
+    assert stats == {work.pid: N, child: N}, stats
     corr = summarize(LogReader(log))["correlation"]
     assert corr["verdict"] == "agrees", corr
 

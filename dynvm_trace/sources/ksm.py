@@ -118,7 +118,7 @@ def _defines(tracepoints: dict[str, str], rmap_addr_off: int | None, stream: boo
              ringbuf_pages: int, task_mm_off: int | None = None) -> list[str]:
     """The probe's compile flags; tracepoints: bpf_host.available_tracepoints()."""
     have = {"ksm:ksm_merge_one_page": "HAVE_MERGE_ONE", "ksm:ksm_remove_rmap_item": "HAVE_REMOVE_RMAP",
-            "exceptions:page_fault_user": "HAVE_FAULT"}
+            "exceptions:page_fault_user": "HAVE_FAULT", "sched:sched_process_fork": "HAVE_FORK"}
     flags = [f"-D{macro}" for tp, macro in have.items() if tp in tracepoints]
     flags += [f"-DRAW_{tp.split(':')[1]}" for tp, mode in tracepoints.items()
               if mode == bpf_host.RAW]
