@@ -306,9 +306,11 @@ static __always_inline void on_merge(u32 kind, u64 mm, u64 pfn, void *rmap_item)
     struct mm_info *info = mm_pid.lookup(&mm);
     u32 pid = info ? info->pid : 0;
     u64 addr = rmap_address(rmap_item);
+    /* an mm in mm_pid is a tracked process's (ksm_enter tracks it, learn_mm learns only tracked
+     * ones, ksm_exit removes it): no tracked-bitmap test here, ~10 ns a merge */
     if (!pid)
         count(C_UNRESOLVED_MM, 1);
-    else if (addr && kind != E_MERGE_ZERO && is_tracked(pid))
+    else if (addr && kind != E_MERGE_ZERO)
         page_bit(MERGED, pid, addr, 1);
     count(kind == E_MERGE_NEW ? C_MERGE_NEW : kind == E_MERGE_EXISTING ? C_MERGE_EXISTING
           : C_MERGE_ZERO, 1);
