@@ -28,9 +28,9 @@
  * 512 pages): bounded, and one lookup per fault.
  *
  * Punch holes (fallocate PUNCH_HOLE, what qemu does for file-, memfd- and hugetlbfs-backed
- * guest RAM) free a file range, not an address range. User space keeps `fd_maps`: for each
- * (tracked tgid, fd), where the file that fd opens is mapped shared in that process (up to
- * FD_MAPS ranges of file offset, length, address; from /proc/PID/maps and /proc/PID/fd,
+ * guest RAM) free a file range, not an address range. User space (dynvm_trace/ksm_fd_maps.py)
+ * keeps `fd_maps`: for each (tracked tgid, fd), where the file that fd opens is mapped shared
+ * in that process (up to FD_MAPS ranges of file offset, length, address; from /proc/PID/maps and /proc/PID/fd,
  * refreshed every interval). At the syscall's exit the punched range's whole pages are
  * translated through the first of those ranges (in file order) that holds any of them, and that
  * address range is marked released like a madvise discard, so its refaults are seen. One range

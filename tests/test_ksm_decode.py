@@ -24,8 +24,9 @@ from dynvm_trace.paths import Roots
 from dynvm_trace.procfs import Mapping
 from dynvm_trace.sources import ksm
 from dynvm_trace.sources.base import Batch
-from dynvm_trace.sources.ksm import (EVENT, MAX_CHUNKS, FileRange, KsmSource, _defines, in_ksm,
-                                     page_set_chunks, shared_file_ranges)
+from dynvm_trace import ksm_fd_maps
+from dynvm_trace.ksm_fd_maps import FdMaps, FileRange, fd_ranges, shared_file_ranges
+from dynvm_trace.sources.ksm import EVENT, MAX_CHUNKS, KsmSource, _defines, in_ksm, page_set_chunks
 
 
 def test_defines_follow_the_tracepoints_present():
@@ -248,13 +249,13 @@ def test_shared_file_ranges_join_what_continues_in_file_and_memory():
 
 
 class FakeTable:
-    """The bcc table fd_maps as _refresh_fd_maps uses it."""
+    """The bcc table fd_maps as FdMaps uses it."""
 
     class Leaf(ctypes.Structure):
         class FileMap(ctypes.Structure):
             _fields_ = [("offset", ctypes.c_uint64), ("len", ctypes.c_uint64),
                         ("start", ctypes.c_uint64)]
-        _fields_ = [("m", FileMap * ksm.FD_MAPS)]
+        _fields_ = [("m", FileMap * ksm_fd_maps.FD_MAPS)]
 
     def __init__(self):
         self.items: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
@@ -273,9 +274,9 @@ class FakeTable:
 
 
 @pytest.fixture
-def punch_source(tmp_path, make_tree):
-    """A KsmSource with no kernel behind it, tracking pid 42, which maps a file (fd 3) shared
-    in three ranges (fd 4 is not mapped) and a private one (fd 6)."""
+def fd_maps(tmp_path, make_tree) -> FdMaps:
+    """FdMaps over a fake table and a /proc where pid 42 maps a file (fd 3) shared in three
+    ranges (fd 4 is not mapped) and a private one (fd 6)."""
     make_tree({"data/ram": "", "data/other": "", "data/private": "", "proc/42/comm": "qemu-kvm\n"})
     fd_dir = tmp_path / "proc/42/fd"
     fd_dir.mkdir()
@@ -291,55 +292,59 @@ def punch_source(tmp_path, make_tree):
         + line(0x7F0000400000, 0x7F0000401000, 0x400000, "ram")
         + line(0x7E0000000000, 0x7E0000001000, 0x1000, "ram")
         + line(0x7D0000000000, 0x7D0000001000, 0, "private", "rw-p"))
-    src = object.__new__(KsmSource)
-    src.roots = Roots(tmp_path / "sys", tmp_path / "proc")
-    src.tracked, src._punch_holes, src._fd_maps, src._warned = {42}, True, {}, set()
-    src.warn = lambda msg: None
-    src.bpf = {"fd_maps": FakeTable()}
-    return src
+    return FdMaps(FakeTable(), Roots(tmp_path / "sys", tmp_path / "proc"), lambda msg: None)
 
 
-def test_fd_ranges_of_a_tracked_process(punch_source, monkeypatch):
-    assert punch_source._fd_ranges(42) == {3: (FileRange(0, 0x200000, 0x7F0000000000),
-                                               FileRange(0x1000, 0x1000, 0x7E0000000000),
-                                               FileRange(0x400000, 0x1000, 0x7F0000400000))}
-    assert punch_source._fd_ranges(4242) == {}  # gone
-    monkeypatch.setattr(ksm, "FD_MAPS", 2)
-    assert len(punch_source._fd_ranges(42)[3]) == 2  # the first ones in file order
+def test_fd_ranges_of_a_tracked_process(fd_maps, monkeypatch):
+    roots = fd_maps.roots
+    assert fd_ranges(roots, 42) == {3: (FileRange(0, 0x200000, 0x7F0000000000),
+                                        FileRange(0x1000, 0x1000, 0x7E0000000000),
+                                        FileRange(0x400000, 0x1000, 0x7F0000400000))}
+    assert fd_ranges(roots, 4242) == {}  # gone
+    monkeypatch.setattr(ksm_fd_maps, "FD_MAPS", 2)
+    assert len(fd_ranges(roots, 42)[3]) == 2  # the first ones in file order
     # hugetlbfs: its block is the huge page; left out (a huge page refaults in one fault)
-    monkeypatch.setattr(ksm, "read_fd_block_size", lambda roots, pid, fd: 2 << 20)
-    assert punch_source._fd_ranges(42) == {}
+    monkeypatch.setattr(ksm_fd_maps, "read_fd_block_size", lambda roots, pid, fd: 2 << 20)
+    assert fd_ranges(roots, 42) == {}
 
 
-def test_refresh_fd_maps_writes_what_changed_and_drops_what_went(punch_source, tmp_path):
-    table = punch_source.bpf["fd_maps"]
-    punch_source._refresh_fd_maps()
+def test_refresh_fd_maps_writes_what_changed_and_drops_what_went(fd_maps, tmp_path):
+    table = fd_maps.table
+    fd_maps.refresh({42})
     assert table.items == {(42, 3): [(0, 0x200000, 0x7F0000000000),
                                      (0x1000, 0x1000, 0x7E0000000000),
                                      (0x400000, 0x1000, 0x7F0000400000),
                                      (0, 0, 0)]}  # len 0: unused
-    punch_source._refresh_fd_maps()
+    fd_maps.refresh({42})
     assert table.writes == 1  # nothing changed: nothing written
+    fd_maps.refresh(set())  # no longer tracked: its entries go
+    assert table.items == {} and fd_maps.written == {}
+    fd_maps.refresh({42})
     (tmp_path / "proc/42/fd/3").unlink()  # the fd is closed
-    punch_source._refresh_fd_maps()
-    assert table.items == {} and punch_source._fd_maps == {}
+    fd_maps.refresh({42})
+    assert table.items == {} and fd_maps.written == {}
 
 
-def test_refresh_fd_maps_without_the_fallocate_tracepoints(punch_source):
-    punch_source._punch_holes = False
-    punch_source._refresh_fd_maps()
-    assert punch_source.bpf["fd_maps"].items == {}
+def test_the_source_refreshes_fd_maps_of_its_tracked_processes_only_with_punch_holes(fd_maps):
+    src = object.__new__(KsmSource)
+    src.tracked, src._fd_maps = {42}, None  # no fallocate tracepoints: nothing to keep
+    src._refresh_fd_maps()
+    src._fd_maps = fd_maps
+    src._refresh_fd_maps()
+    assert list(fd_maps.table.items) == [(42, 3)]
 
 
-def test_refresh_fd_maps_warns_once_about_an_unreadable_process(punch_source, monkeypatch):
-    warnings = []
-    punch_source.warn = warnings.append
+def test_refresh_fd_maps_warns_once_about_an_unreadable_process(fd_maps, monkeypatch):
+    src = object.__new__(KsmSource)  # its _warn_once: said the first time only
+    warnings: list[str] = []
+    src.warn, src._warned = warnings.append, set()
+    fd_maps.warn_once = src._warn_once
 
     def denied(roots, pid):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ksm, "read_maps", denied)
-    punch_source._refresh_fd_maps()
-    punch_source._refresh_fd_maps()
+    monkeypatch.setattr(ksm_fd_maps, "read_maps", denied)
+    fd_maps.refresh({42})
+    fd_maps.refresh({42})
     assert warnings == ["cannot read the file mappings of pid 42 (Permission denied): its punch "
                         "holes are counted in punch_untracked_pages"]
 

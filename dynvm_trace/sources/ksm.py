@@ -48,21 +48,21 @@ from __future__ import annotations
 import bisect
 import errno
 import time
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from collections.abc import Iterator
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from .. import bpf_host, exitcodes, vms
 from ..btf import kernel_member_offset
+from ..ksm_fd_maps import FD_MAPS, MAX_FDS, FdMaps
 from ..ksm_pages import KsmPageFinder, PagesUnreadable
 from ..ksm_sysfs import read_ksm
 from ..logfile import make_header
 from ..paths import Roots, page_size
-from ..procfs import (Mapping, list_pids, read_comm, read_fd_block_size, read_fd_files,
-                      read_ksm_stat, read_maps, read_vmstat)
+from ..procfs import list_pids, read_comm, read_ksm_stat, read_vmstat
 from ..ksm_columns import (BULK_KINDS, E_COW, E_MERGE_EXISTING, E_MERGE_FAIL, E_MERGE_NEW,
                            E_MERGE_ZERO, E_REFAULT, E_RELEASE, E_RELEASE_PAGES, E_SCAN_END,
                            E_SCAN_START, E_UNMERGE, EVENT, EventColumns)
@@ -98,8 +98,6 @@ CHUNK_PAGES = 512  # pages per chunk of a page set (CHUNK_PAGES in probes/ksm.c)
 MAX_CHUNKS = 1 << 18  # 2 MiB chunks per page set: 512 GiB of tracked guest RAM
 MAX_RELEASE_CHUNKS = 32  # a discard marks at most 64 MiB for refault tracking
 PID_LIMIT = 1 << 22  # the kernel's PID_MAX_LIMIT on 64-bit: pid_max cannot exceed it
-MAX_FDS = 4096  # (process, fd) pairs whose shared file mappings the kernel knows (punch holes)
-FD_MAPS = 4  # shared mappings kept per (process, fd), the first ones in file offset order
 RINGBUF_PAGES = 1 << 13  # 32 MiB: 524,288 records (a 56-byte event and the ring's 8-byte header)
 
 
@@ -191,31 +189,6 @@ def _stat_or_none(roots: Roots, pid: int) -> dict[str, Any] | None:
         return None
 
 
-class FileRange(NamedTuple):
-    """Part of a file mapped into memory: `length` bytes from `offset` in the file are at
-    address `start`."""
-    offset: int
-    length: int
-    start: int
-
-
-def shared_file_ranges(maps: list[Mapping]) -> dict[tuple[int, int], list[FileRange]]:
-    """(st_dev, st_ino) of each file a process maps shared -> where, in file offset order.
-    Mappings that continue each other both in the file and in memory (one mmap that madvise or
-    mprotect split) are one range."""
-    by_file: dict[tuple[int, int], list[FileRange]] = {}
-    for m in sorted(maps, key=attrgetter("start")):
-        if not (m.shared and m.inode):
-            continue
-        ranges = by_file.setdefault((m.dev, m.inode), [])
-        if ranges and (last := ranges[-1]).start + last.length == m.start \
-                and last.offset + last.length == m.offset:
-            ranges[-1] = last._replace(length=last.length + m.end - m.start)
-        else:
-            ranges.append(FileRange(m.offset, m.end - m.start, m.start))
-    return {file: sorted(ranges) for file, ranges in by_file.items()}
-
-
 class KsmSource(Source):
     name = SRC
 
@@ -274,8 +247,8 @@ class KsmSource(Source):
         self._last_ts: int | None = None
         self._tally_gone: set[int] = set()  # exited pids whose tallies go after the next read
         self._exits: list[dict[str, Any]] = []  # vm_exit records for the next snapshot
-        self._punch_holes = all(tp in self.tracepoints for tp in PAIRS["HAVE_FALLOCATE"])
-        self._fd_maps: dict[tuple[int, int], tuple[FileRange, ...]] = {}  # as in the kernel
+        punch_holes = all(tp in self.tracepoints for tp in PAIRS["HAVE_FALLOCATE"])
+        self._fd_maps = FdMaps(self.bpf["fd_maps"], roots, self._warn_once) if punch_holes else None
         self._warned: set[str] = set()
 
     # -- kernel side --------------------------------------------------------------------------
@@ -396,53 +369,10 @@ class KsmSource(Source):
         self._tally_gone |= gone  # their last tallies are read first, at the next snapshot
         self.tracked -= gone
 
-    def _fd_ranges(self, pid: int) -> dict[int, tuple[FileRange, ...]]:
-        """fd -> where the file it opens is mapped shared in process pid (its first FD_MAPS
-        ranges). Files on a file system with blocks larger than a page (hugetlbfs: a huge page
-        refaults in one fault) are left out: probes/ksm.c counts one page per fault."""
-        maps = read_maps(self.roots, pid)
-        shared = shared_file_ranges(maps) if maps else {}
-        if not shared:
-            return {}
-        out = {}
-        for fd, file in (read_fd_files(self.roots, pid) or {}).items():
-            if file not in shared:
-                continue
-            block = read_fd_block_size(self.roots, pid, fd)
-            if block is not None and block <= page_size():
-                out[fd] = tuple(shared[file][:FD_MAPS])
-        return out
-
     def _refresh_fd_maps(self) -> None:
-        """Write into the kernel's fd_maps where each tracked process maps its fds' files, so a
-        punch hole's file range becomes addresses (probes/ksm.c); only what changed is written.
-        Entries of processes no longer tracked and of fds closed or unmapped go."""
-        if not self._punch_holes:
-            return
-        now: dict[tuple[int, int], tuple[FileRange, ...]] = {}
-        for pid in sorted(self.tracked):
-            try:
-                now.update(((pid, fd), r) for fd, r in self._fd_ranges(pid).items())
-            except OSError as e:
-                self._warn_once(f"cannot read the file mappings of pid {pid} ({e.strerror}): "
-                                "its punch holes are counted in punch_untracked_pages")
-        if len(now) > MAX_FDS:
-            self._warn_once(f"more than {MAX_FDS} fds with shared file mappings: punch holes "
-                            "in the others are counted in punch_untracked_pages")
-            now = dict(sorted(now.items())[:MAX_FDS])
-        table = self.bpf["fd_maps"]
-        for pid, fd in self._fd_maps.keys() - now.keys():
-            try:
-                del table[table.Key(pid, fd)]
-            except KeyError:
-                pass
-        for (pid, fd), ranges in now.items():
-            if self._fd_maps.get((pid, fd)) != ranges:
-                leaf = table.Leaf()
-                for slot, r in zip(leaf.m, ranges):
-                    slot.offset, slot.len, slot.start = r
-                table[table.Key(pid, fd)] = leaf
-        self._fd_maps = now
+        """The probe's fd_maps for the tracked processes (dynvm_trace/ksm_fd_maps.py)."""
+        if self._fd_maps is not None:
+            self._fd_maps.refresh(self.tracked)
 
     def _warn_once(self, message: str) -> None:
         """A warning about a state a refresh finds again every interval: said the first time."""
