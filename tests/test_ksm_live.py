@@ -82,8 +82,11 @@ def write_when_no_ksm_pages(knob: Path, value: str) -> None:
             knob.write_text(value)
             return
         except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+            if e.errno != errno.EBUSY:
                 raise
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{knob} still busy after {TIMEOUT:.0f} s: another process "
+                                     "keeps KSM pages (the live tests need KSM to themselves)") from e
             time.sleep(0.05)
 
 
