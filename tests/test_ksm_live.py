@@ -185,13 +185,47 @@ def records(log: Path) -> tuple[dict, list[dict]]:
     return reader.header, list(reader.records())
 
 
+class Recorded:
+    """The recorders and workloads of one live test. stop() waits two intervals (the last
+    events into a batch) and ends the recorders with SIGINT, each of which must say its log is
+    complete. Leaving the block, whatever happened, kills recorders still running and closes
+    the workloads."""
+
+    def __init__(self) -> None:
+        self.recorders: list[subprocess.Popen] = []
+        self.workloads: list[Workload] = []
+
+    def record(self, log: Path, *pids: int, options: tuple[str, ...] = ()) -> subprocess.Popen:
+        self.recorders.append(start_recorder(log, *pids, options=options))
+        return self.recorders[-1]
+
+    def workload(self, pages: int) -> Workload:
+        self.workloads.append(Workload(pages))
+        return self.workloads[-1]
+
+    def stop(self) -> None:
+        time.sleep(2 * float(INTERVAL))
+        errs = [stop(p) for p in self.recorders]
+        assert all("stopped by signal; the log is complete" in e for e in errs), errs
+
+    def __enter__(self) -> "Recorded":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.recorders:
+            if p.poll() is None:
+                p.kill()
+        for work in self.workloads:
+            work.close()
+
+
 def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
     logs = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
-    # the second runs beside the first, at the normal priority (the first at --nice's default)
-    recorders = [start_recorder(logs[0]), start_recorder(logs[1], options=("--nice", "0"))]
-    assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in recorders] == [10, 0]
-    work = Workload(N)
-    try:
+    with Recorded() as run:
+        # the second runs beside the first, at the normal priority (the first at --nice's default)
+        recorders = [run.record(logs[0]), run.record(logs[1], options=("--nice", "0"))]
+        assert [os.getpriority(os.PRIO_PROCESS, p.pid) for p in recorders] == [10, 0]
+        work = run.workload(N)
         wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
         wait_scans()
         work.do(f"cow {M}")
@@ -199,15 +233,8 @@ def test_exact_merges_cow_breaks_releases_and_refaults(fast_ksm, tmp_path):
         work.do(f"release {K}")
         work.do(f"touch {J}")
         wait_scans()
-        time.sleep(2 * float(INTERVAL))
-        errs = [stop(p) for p in recorders]
+        run.stop()
         assert work.merging_pages() == N - M
-    finally:
-        for p in recorders:
-            if p.poll() is None:
-                p.kill()
-        work.close()
-    assert all("stopped by signal; the log is complete" in e for e in errs), errs
 
     for log in logs:
         header, recs = records(log)
@@ -242,22 +269,16 @@ def test_a_release_of_merged_pages_across_many_chunks(fast_ksm, tmp_path):
     touching T of them again is exactly T refaults, no COW break."""
     R, T = 2053, 1031  # primes; R pages are at least 5 chunks
     log = tmp_path / "release.jsonl"
-    recorder = start_recorder(log)
-    work = Workload(N)
-    try:
+    with Recorded() as run:
+        run.record(log)
+        work = run.workload(N)
         wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
         wait_scans()
         work.do(f"release {R}")
         work.do(f"touch {T}")
         wait_scans()
-        time.sleep(2 * float(INTERVAL))
-        err = stop(recorder)
+        run.stop()
         assert work.merging_pages() == N - R
-    finally:
-        if recorder.poll() is None:
-            recorder.kill()
-        work.close()
-    assert "stopped by signal; the log is complete" in err, err
     _, recs = records(log)
     mine = [r for r in recs if r.get("pid") == work.pid]
     kinds = Counter(r["kind"] for r in mine)
@@ -275,20 +296,14 @@ def test_the_merges_of_a_forked_child_are_its_own(fast_ksm, tmp_path):
     parent), and ksmd then merges the child's N pages into its own rmap items: those N merges
     are the child's, the parent keeps its N, and each agrees with its /proc/PID/ksm_stat."""
     log = tmp_path / "fork.jsonl"
-    recorder = start_recorder(log)
-    work = Workload(N)
-    try:
+    with Recorded() as run:
+        run.record(log)
+        work = run.workload(N)
         wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
         child = int(work.do("fork")[0])
         wait_for(f"the child's {N} pages merged", lambda: work.merging_pages(child) == N)
         wait_scans()
-        time.sleep(2 * float(INTERVAL))
-        err = stop(recorder)
-    finally:
-        if recorder.poll() is None:
-            recorder.kill()
-        work.close()
-    assert "stopped by signal; the log is complete" in err, err
+        run.stop()
     _, recs = records(log)
     merges = Counter(r["pid"] for r in recs if r["kind"] == "merge")
     assert merges[work.pid] == N and merges[child] == N, merges
@@ -304,21 +319,14 @@ def record_memfd_workload(log: Path, *commands: str) -> tuple[int, Mapping, dict
     """A workload with a shared memfd region of P pages (file-backed guest RAM, as qemu's
     memory-backend-memfd), recorded with its pid tracked while it runs `commands`: its pid, the
     region's mapping, the log's header and records."""
-    work = Workload(1)
-    recorder = None
-    try:
+    with Recorded() as run:
+        work = run.workload(1)
         work.do(f"memfd {P}")
         ram = [m for m in read_maps(Roots(), work.pid) if MEMFD_NAME in m.path]
-        recorder = start_recorder(log, work.pid)
+        run.record(log, work.pid)
         for command in commands:
             work.do(command)
-        time.sleep(2 * float(INTERVAL))
-        err = stop(recorder)
-    finally:
-        if recorder is not None and recorder.poll() is None:
-            recorder.kill()
-        work.close()
-    assert "stopped by signal; the log is complete" in err, err
+        run.stop()
     assert len(ram) == 1 and ram[0].shared, ram
     return work.pid, ram[0], *records(log)
 
@@ -352,22 +360,15 @@ def test_cow_breaks_of_pages_merged_before_tracing_started(fast_ksm, tmp_path):
     (it entered KSM before the probes attached): the rmap items ksmd then removes for the
     COW-broken pages are the workload's, not unmerges of an unknown process."""
     log = tmp_path / "seeded.jsonl"
-    work = Workload(N)
-    recorder = None
-    try:
+    with Recorded() as run:
+        work = run.workload(N)
         wait_for(f"{N} pages merged", lambda: work.merging_pages() == N)
         wait_scans()
-        recorder = start_recorder(log)  # returns once the first batch is written: seeded
+        run.record(log)  # returns once the first batch is written: seeded
         work.do(f"cow {M}")
         wait_scans()
-        time.sleep(2 * float(INTERVAL))
-        err = stop(recorder)
+        run.stop()
         assert work.merging_pages() == N - M
-    finally:
-        if recorder is not None and recorder.poll() is None:
-            recorder.kill()
-        work.close()
-    assert "stopped by signal; the log is complete" in err, err
 
     header, recs = records(log)
     assert header["seeded_merged_pages"].get(str(work.pid)) == N, header
