@@ -237,6 +237,16 @@ static __always_inline void track_kernel(u32 pid, int set)
         __sync_fetch_and_and(k, ~bit);
 }
 
+#if TASK_MM_OFF >= 0
+/* The current task's mm (current->mm, at its offset in BTF). */
+static __always_inline u64 current_mm(void)
+{
+    u64 mm = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), (char *)bpf_get_current_task() + TASK_MM_OFF);
+    return mm;
+}
+#endif
+
 static __always_inline u32 pid_of_mm(u64 mm)
 {
     struct mm_info *info = mm_pid.lookup(&mm);
@@ -466,9 +476,7 @@ static __always_inline int enter_event(u64 mm, u32 pid)
 static __always_inline int ksm_enter_event(u64 mm)
 {
 #ifdef FORK_ATTRIBUTION
-    u64 own = 0;
-    bpf_probe_read_kernel(&own, sizeof(own), (char *)bpf_get_current_task() + TASK_MM_OFF);
-    if (own != mm) {
+    if (current_mm() != mm) {
         u64 tid = bpf_get_current_pid_tgid();
         forking.update(&tid, &mm);
         return 0;
@@ -552,8 +560,7 @@ static __always_inline void learn_mm(u32 pid)
     u64 *known = mm_known.lookup(&word);
     if (!known || (*known & bit))
         return;
-    u64 mm = 0;
-    bpf_probe_read_kernel(&mm, sizeof(mm), (char *)bpf_get_current_task() + TASK_MM_OFF);
+    u64 mm = current_mm();
     if (mm)
         set_mm_pid(mm, pid);
     __sync_fetch_and_or(known, bit);
