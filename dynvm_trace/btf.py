@@ -104,8 +104,9 @@ class BTF:
             return inner + ("*" if inner.endswith("*") else " *")
         if t.kind in _QUALIFIERS:
             return f"{_QUALIFIERS[t.kind]} {self.type_name(t.ref, _depth + 1)}"
-        if t.kind in (_STRUCT, _UNION) or t.kind == _FWD:
-            return f"{'union' if t.kind == _UNION or (t.kind == _FWD and t.kind_flag) else 'struct'} {t.name}"
+        if t.kind in (_STRUCT, _UNION, _FWD):  # a FWD's kind_flag: a union
+            union = t.kind == _UNION or (t.kind == _FWD and t.kind_flag)
+            return f"{'union' if union else 'struct'} {t.name}"
         if t.kind in (_ENUM, _ENUM64):
             return f"enum {t.name}"
         return t.name

@@ -66,17 +66,21 @@ class SpooledLogWriter:
         try:
             self._child.stdin.write(line + "\n")
             self._child.stdin.flush()
-        except BrokenPipeError:
-            self._expect("(a running log writer)")
+        except BrokenPipeError:  # the child is gone: its last word says why
+            self._failed(self._child.stdout.readline().strip())
 
     def _expect(self, word: str) -> None:
         """Read the child's next word; raise LogWriteError unless it is `word`."""
         said = self._child.stdout.readline().strip()
         if said != word:
-            self._child.wait()
-            raise LogWriteError(said.removeprefix("error: ") if said.startswith("error: ") else
-                                f"{self.path}: the log writer stopped ({said or 'no answer'}, "
-                                f"exit status {self._child.returncode})")
+            self._failed(said)
+
+    def _failed(self, said: str) -> None:
+        """Raise LogWriteError with what the child said (`error: WHY`), or how it ended."""
+        self._child.wait()
+        raise LogWriteError(said.removeprefix("error: ") if said.startswith("error: ") else
+                            f"{self.path}: the log writer stopped ({said or 'no answer'}, "
+                            f"exit status {self._child.returncode})")
 
     def write(self, records: list[dict[str, Any]], columns: EventColumns | None = None) -> None:
         """As LogWriter.write: the batch goes to the spool; flush() hands it to the child."""
