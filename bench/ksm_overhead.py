@@ -1,13 +1,18 @@
 """What tracing KSM costs: the time ksmd takes to merge a workload, and the time a COW-fault
 storm takes, with nothing attached and with each tracer attached, in one run, alternating
-(round by round), reported as medians and as ratios to the untraced median.
+(round by round), reported as medians and as ratios to the untraced median, round by round and
+between the lowest trials.
 
 Tracers: `top` (`dynvm-trace top --source ksm`: in-kernel counters and per-process tallies, no
-event stream), `top-probes` (the same probes without the CLI), `bare` (the floor: a bcc counter
+event stream), `top-probes` (the same probes without the CLI), `record-probes` (`record`'s
+probes and ring buffer, drained and decoded, no log written), `record-nodrain` (the same, the
+ring never read: the kernel's side of `record` alone; the ring holds 524,288 events, so keep
+--pages + --cow below that), `bare` (the floor: a bcc counter
 on the merge and the page fault tracepoints, nothing else), `bare-raw` (the same counter on raw
 tracepoints, as the ksm source attaches them where BTF allows), `record` (every event to a log),
 `bpftrace` (a count and one histogram on the merge tracepoint, and write faults counted per
-process), `perf` (perf record -e 'ksm:*').
+process), `perf` (perf record -e 'ksm:*'), `busy` (no tracer: a process at nice 19 copying 32
+MiB over and over, what any busy neighbour on the other CPU costs the workload).
 Loss: lost events reported by dynvm-trace's record; events bpftrace/perf saw against the
 kernel-side total. Each tracer's own CPU time during the trial is reported too (`tracer_cpu_s`,
 user + system of its process); with --probe-cost, kernel.bpf_stats_enabled is turned on (and
@@ -15,8 +20,13 @@ restored) and the time its BPF programs ran is read from the kernel (`probe_ms`,
 program: runs and ns per run). The statistics cost a little themselves: compare ratios from
 runs without it.
 
+The COW storm runs with ksmd stopped (KSM `run` 0: the merged pages stay merged), so that it
+measures the faults alone; `--storm-ksmd run` keeps ksmd scanning at the merge's pace, the other
+CPU busy, as it did before 2026-12-05. `cow_cpu_s` is the workload's own CPU time in the storm
+(the probes run in its context; what it lacks against `cow_s` is time it waited for a CPU).
+
     sudo .venv/bin/python bench/ksm_overhead.py [--pages 262144] [--rounds 3] [--cow 0] [--probe-cost]
-        [--resident PAGES]
+        [--resident PAGES] [--storm-ksmd stop|run]
 
 --resident keeps another process in KSM through every round, there before any tracer starts,
 as on a host with VMs running: the tracers then start with a process already in KSM.
@@ -51,7 +61,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 BPFTRACE = ("tracepoint:ksm:ksm_merge_with_ksm_page { @merges = count(); @err = hist(args->err); }"
             " tracepoint:exceptions:page_fault_user /(args->error_code & 3) == 3/"
             " { @wp_faults[pid] = count(); }")
-TRACERS = ("none", "top", "record", "bpftrace", "perf")  # also: top-probes, bare, bare-raw
+# by default; also: top-probes, record-probes, record-nodrain, bare, bare-raw, busy
+TRACERS = ("none", "top", "record", "bpftrace", "perf")
+BUSY = "b = bytearray(32 << 20)\nwhile True:\n    c = bytes(b)"
+# the ksm source without the CLI
+PROBES = {"top-probes": "top", "record-probes": "record", "record-nodrain": "record-nodrain"}
 # The floor of any probe on these events: count them, nothing else; attached as tracepoints
 # (bare) or raw (bare-raw: no trace record built, as the ksm source attaches where BTF allows).
 _COUNT = "{ u32 k = %d; u64 *v = counts.lookup(&k); if (v) *v += 1; return 0; }"
@@ -127,9 +141,9 @@ class Tracer:
                                          text=True, preexec_fn=_default_sigint)
             first = self.proc.stdout.readline()  # the first line: attached
             assert first, self.proc.stderr.read()
-        elif kind in ("top-probes", *BARE):  # top's probes without the CLI; the floors
+        elif kind in (*PROBES, *BARE):  # the source's probes without the CLI; the floors
             self.proc = subprocess.Popen([sys.executable, __file__, "--attach-only",
-                                          "top" if kind == "top-probes" else kind],
+                                          PROBES.get(kind, kind)],
                                          stdout=subprocess.PIPE, text=True,
                                          preexec_fn=_default_sigint)
             assert self.proc.stdout.readline().strip() == "attached"
@@ -146,6 +160,9 @@ class Tracer:
             while not lines[-1].startswith("Attaching"):  # after any warnings
                 assert lines[-1] and len(lines) < 10, lines
                 lines.append(self.proc.stdout.readline())
+        elif kind == "busy":
+            self.proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", BUSY],
+                                         stderr=subprocess.DEVNULL, preexec_fn=_default_sigint)
         elif kind == "perf":
             self.data = tmp / "perf.data"
             self.proc = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "ksm:*", "-o",
@@ -182,7 +199,7 @@ class Tracer:
         if self.kind == "top":
             lines = out.strip().splitlines()
             return {"last_line": lines[-1] if lines else ""}
-        if self.kind in ("top-probes", *BARE):
+        if self.kind in (*PROBES, *BARE):
             return json.loads(out)
         if self.kind == "record":
             merges = cows = lost = 0
@@ -211,8 +228,15 @@ class Tracer:
         return {}
 
 
-def trial(pages: int, cow: int) -> dict:
-    """Merge `pages` identical pages (time to all merged), then COW-break `cow` of them."""
+def run_ns(pid: int) -> int:
+    """Time a task has run on a CPU so far, in ns (/proc/PID/schedstat): its CPU time, without
+    the time it waited for one."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def trial(pages: int, cow: int, storm_ksmd: bool) -> dict:
+    """Merge `pages` identical pages (time to all merged), then COW-break `cow` of them; with
+    storm_ksmd False, ksmd is stopped (run 0: the pages stay merged) during the storm."""
     base = ksm("pages_shared") + ksm("pages_sharing")
     w = subprocess.Popen([sys.executable, str(WORKLOAD), str(pages)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
@@ -221,11 +245,15 @@ def trial(pages: int, cow: int) -> dict:
     wait(lambda: merging_pages(pid) >= pages, what="merges")
     result = {"merge_s": time.monotonic() - t0}
     if cow:
-        t0 = time.monotonic()
+        if not storm_ksmd:
+            (KSM / "run").write_text("0")
+        t0, c0 = time.monotonic(), run_ns(pid)
         w.stdin.write(f"cow {cow}\n")
         w.stdin.flush()
         w.stdout.readline()
         result["cow_s"] = time.monotonic() - t0
+        result["cow_cpu_s"] = (run_ns(pid) - c0) / 1e9
+        (KSM / "run").write_text("1")
     w.stdin.write("exit\n")
     w.stdin.flush()
     w.wait()
@@ -233,16 +261,22 @@ def trial(pages: int, cow: int) -> dict:
     return result
 
 
+def _until_sigint() -> None:
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+
+
 def attach_only(what: str) -> None:
-    """Until SIGINT: `top`, the ksm source without the event stream; or a BARE counter."""
+    """Until SIGINT: the ksm source, without the event stream (`top`) or with it, drained and
+    decoded into batches, nothing written (`record`, at record's default nice 10) or never read
+    (`record-nodrain`); or a BARE counter."""
     if what in BARE:
         from dynvm_trace.bpf_host import import_bcc
         bpf = import_bcc().BPF(text=BARE[what].encode())
         print("attached", flush=True)
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
+        _until_sigint()
         table = bpf["counts"]
         print(json.dumps({"merge_events": int(sum(table[table.Key(0)])),
                           "faults": int(sum(table[table.Key(1)]))}))
@@ -250,12 +284,18 @@ def attach_only(what: str) -> None:
         return
     from dynvm_trace.paths import Roots
     from dynvm_trace.sources.ksm import KsmSource
-    src = KsmSource(Roots(), stream=False)
+    stream = what.startswith("record")
+    if stream:
+        os.nice(10)
+    src = KsmSource(Roots(), stream=stream)
     print("attached", flush=True)
-    signal.signal(signal.SIGINT, lambda *a: src.stop())
-    for _ in src.batches(1_000_000_000, None):
-        pass
-    print(json.dumps(src.kernel_counts()))
+    if what == "record-nodrain":
+        _until_sigint()
+        print(json.dumps(src.kernel_counts()))
+    else:
+        signal.signal(signal.SIGINT, lambda *a: src.stop())
+        events = sum(len(batch) for batch in src.batches(1_000_000_000, None))
+        print(json.dumps({**src.kernel_counts(), "records": events}))
     src.close()
 
 
@@ -268,9 +308,12 @@ def main() -> None:
                          "tracer starts (a host with VMs running; 0: none)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tracers", default=",".join(TRACERS))
+    ap.add_argument("--storm-ksmd", choices=("stop", "run"), default="stop",
+                    help="ksmd during the COW storm: stopped (run 0; the merged pages stay "
+                         "merged), or scanning on at the merge's pace (the other CPU busy)")
     ap.add_argument("--probe-cost", action="store_true",
                     help="turn on kernel.bpf_stats_enabled and report the programs' run time")
-    ap.add_argument("--attach-only", choices=("top", *BARE), help=argparse.SUPPRESS)
+    ap.add_argument("--attach-only", choices=(*PROBES.values(), *BARE), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.attach_only:
         attach_only(args.attach_only)
@@ -303,7 +346,7 @@ def run_rounds(args: argparse.Namespace, tracers: list[str], results: dict[str, 
                 for kind in tracers:
                     tracer = Tracer(kind, Path(tmp))
                     tracer.start_trial()
-                    r = trial(args.pages, args.cow)
+                    r = trial(args.pages, args.cow, args.storm_ksmd == "run")
                     r.update(tracer.cost())
                     r.update(tracer.stop())
                     results[kind].append(r)
@@ -318,15 +361,29 @@ def run_rounds(args: argparse.Namespace, tracers: list[str], results: dict[str, 
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
-    base = {key: statistics.median(r[key] for r in results["none"])
-            for key in ("merge_s", "cow_s") if "none" in results and key in results["none"][0]}
-    print(f"\n{args.pages} pages, {args.cow} COW breaks, {args.rounds} rounds (medians)"
-          + (f", {args.resident} resident pages in KSM" if args.resident else ""))
+    """Per tracer and measure: the median, its ratio to the untraced median; the ratios of each
+    round's trial to the untraced trial of the same round (median, and lowest..highest); the
+    lowest trial and its ratio to the lowest untraced one. The untraced rounds alone vary by
+    ±10-25 % here (the host's noise only ever adds time, so the lowest trials are the least
+    disturbed), and a round's trials run seconds apart."""
+    none = results.get("none", [])
+    keys = [k for k in ("merge_s", "cow_s", "cow_cpu_s") if none and k in none[0]]
+    print(f"\n{args.pages} pages, {args.cow} COW breaks, {args.rounds} rounds (medians; per-round "
+          "ratios: median, lowest..highest; the lowest trials)"
+          + (f", {args.resident} resident pages in KSM" if args.resident else "")
+          + (f", ksmd {'scanning' if args.storm_ksmd == 'run' else 'stopped'} in the storm"
+             if args.cow else ""))
     for kind, rs in results.items():
         cells = []
-        for key, b in base.items():
-            med = statistics.median(r[key] for r in rs)
-            cells.append(f"{key} {med:.3f} s ({(med / b - 1) * 100:+.1f} %)")
+        for key in keys:
+            med, low = statistics.median(r[key] for r in rs), min(r[key] for r in rs)
+            ratio = (med / statistics.median(r[key] for r in none) - 1) * 100
+            cell = f"{key} {med:.3f} s ({ratio:+.1f} %"
+            if kind != "none":
+                paired = sorted((r[key] / n[key] - 1) * 100 for r, n in zip(rs, none))
+                cell += f"; {statistics.median(paired):+.1f}, {paired[0]:+.1f}..{paired[-1]:+.1f}"
+            low_ratio = (low / min(r[key] for r in none) - 1) * 100
+            cells.append(cell + f"; lowest {low:.3f} s, {low_ratio:+.1f} %)")
         for key, unit in (("tracer_cpu_s", "s"), ("probe_ms", "ms")):
             if all(key in r for r in rs):
                 cells.append(f"{key} {statistics.median(r[key] for r in rs):g} {unit}")
