@@ -30,17 +30,17 @@
  * Punch holes (fallocate PUNCH_HOLE, what qemu does for file-, memfd- and hugetlbfs-backed
  * guest RAM) free a file range, not an address range. User space (dynvm_trace/ksm_fd_maps.py)
  * keeps `fd_maps`: for each (tracked tgid, fd), where the file that fd opens is mapped shared
- * in that process (up to FD_MAPS ranges of file offset, length, address; from /proc/PID/maps and /proc/PID/fd,
- * refreshed every interval). At the syscall's exit the punched range's whole pages are
- * translated through the first of those ranges (in file order) that holds any of them, and that
- * address range is marked released like a madvise discard, so its refaults are seen. One range
- * only: a hole across two mappings of the fd, or a file range mapped twice, is not how guest
- * RAM is laid out (mark_released takes ~31 k of the verifier's 1M instructions: a second call
- * would fit). Punched pages with no address (the fd has
- * no known shared mapping, or the part outside that one range) are counted in
- * punch_untracked_pages. Files on file systems with blocks larger than the page size
- * (hugetlbfs) are left out of fd_maps by user space: a huge page refaults with one fault, and
- * the fault path counts one page per fault.
+ * in that process (up to FD_MAPS ranges of file offset, length, address; from /proc/PID/maps
+ * and /proc/PID/fd, refreshed every interval). At the syscall's exit the punched range's whole
+ * pages are translated through the first of those ranges (in file order) that holds any of
+ * them, and that address range is marked released like a madvise discard, so its refaults are
+ * seen. One range only: a hole across two mappings of the fd, or a file range mapped twice, is
+ * not how guest RAM is laid out (mark_released takes ~31 k of the verifier's 1M instructions:
+ * a second call would fit). Punched pages with no address (the fd has no known shared
+ * mapping, or the part outside that one range) are counted in punch_untracked_pages. Files on
+ * file systems with blocks larger than the page size (hugetlbfs) are left out of fd_maps by
+ * user space: a huge page refaults with one fault, and the fault path counts one page per
+ * fault.
  *
  * qemu discards file-backed guest RAM in host-sized pages with a punch hole and then a madvise
  * of the same addresses, in the same thread: one discard, two syscalls. A madvise discard that
